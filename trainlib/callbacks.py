@@ -1,0 +1,210 @@
+"""Callbacks: checkpointing, early stopping, LR monitor, history.
+
+Where each event fires, as the loop reads (trainer.py `fit`):
+
+    setup: process group, seeds, model -> device -> sync BN -> compile -> DDP, optimizer,
+           schedule, scaler, loaders; restore a checkpoint (resume)
+    on_fit_start(trainer)
+    for epoch in epochs:
+        sampler.set_epoch(epoch)                       # always, on every rank
+        on_train_epoch_start(trainer)
+        for each window of accumulate_grad_batches micro-batches:
+            forward/backward (DDP sync only on the last micro-batch)
+            normalise -> unscale -> clip -> optimizer step -> schedule step -> zero_grad
+            if logging step:                           # the only host syncs in the loop
+                on_train_log(trainer, row)             # row = {"step","epoch","split":"train",...}
+            on_train_step_end(trainer)
+        if validation epoch:
+            metrics = evaluate(val)                    # reduced across ranks: same on every rank
+            on_validation_end(trainer, metrics)
+        on_train_epoch_end(trainer)
+        if trainer.should_stop: break                  # decided from reduced values: same on every rank
+    on_fit_end(trainer)
+
+A callback may keep state across a resume through `state_dict` / `load_state_dict`; those are
+stored in every checkpoint under the callback's `key`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .checkpoint import atomic_write_bytes, fsync_dir
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+class Callback:
+    key: str = ""
+
+    def on_fit_start(self, trainer: "Trainer") -> None: ...
+    def on_train_epoch_start(self, trainer: "Trainer") -> None: ...
+    def on_train_log(self, trainer: "Trainer", row: dict) -> None: ...
+    def on_train_step_end(self, trainer: "Trainer") -> None: ...
+    def on_validation_end(self, trainer: "Trainer", metrics: dict) -> None: ...
+    def on_train_epoch_end(self, trainer: "Trainer") -> None: ...
+    def on_fit_end(self, trainer: "Trainer") -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+class ModelCheckpoint(Callback):
+    """last.ckpt at every epoch end (and every n steps), best.ckpt and the top-k by the monitored metric."""
+
+    key = "model_checkpoint"
+
+    def __init__(self, monitor: str, mode: str, save_top_k: int = 1, save_last: bool = True,
+                 every_n_steps: int = 0) -> None:
+        self.monitor, self.mode = monitor, mode
+        self.save_top_k, self.save_last, self.every_n_steps = save_top_k, save_last, every_n_steps
+        self.top_k: list[tuple[float, str]] = []  # (value, file name), best first
+        self.best: float | None = None
+
+    def _dir(self, trainer: "Trainer") -> Path:
+        return trainer.run_dir / "checkpoints"
+
+    def on_train_step_end(self, trainer: "Trainer") -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not trainer.epoch_done:
+            trainer.save_checkpoint(self._dir(trainer) / "last.ckpt")
+
+    def on_validation_end(self, trainer: "Trainer", metrics: dict) -> None:
+        value = metrics.get(self.monitor)
+        if value is None or not math.isfinite(value) or self.save_top_k == 0:
+            return
+        keep = self.save_top_k if self.save_top_k > 0 else 10**9
+        ranked = sorted(self.top_k + [(value, "")], key=lambda t: t[0], reverse=self.mode == "max")
+        if (value, "") not in ranked[:keep]:
+            return
+        tag = re.sub(r"[^A-Za-z0-9_.-]", "_", self.monitor)
+        name = f"epoch={trainer.epoch:03d}-step={trainer.global_step}-{tag}={value:.4f}.ckpt"
+        folder = self._dir(trainer)
+        # The epoch is not finished yet: a resume from this file continues with the next epoch.
+        trainer.save_checkpoint(folder / name, epoch_done=True)
+        new_best = improved(value, self.best, self.mode)
+        if new_best:
+            self.best = value
+            if trainer.is_main:
+                _replace_with_link(folder / name, folder / "best.ckpt")
+        self.top_k = sorted(self.top_k + [(value, name)], key=lambda t: t[0], reverse=self.mode == "max")
+        evicted, self.top_k = self.top_k[keep:], self.top_k[:keep]
+        if trainer.is_main:  # only after the new file is safely on disk
+            for _, old in evicted:
+                (folder / old).unlink(missing_ok=True)
+
+    def on_train_epoch_end(self, trainer: "Trainer") -> None:
+        if self.save_last:
+            trainer.save_checkpoint(self._dir(trainer) / "last.ckpt", epoch_done=True)
+
+    def state_dict(self) -> dict:
+        return {"top_k": [list(t) for t in self.top_k], "best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.top_k = [(float(v), str(n)) for v, n in state["top_k"]]
+        self.best = state["best"]
+
+
+def _replace_with_link(src: Path, dst: Path) -> None:
+    """dst becomes the same file as src (hard link, atomically replaced; copy where links fail)."""
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        atomic_write_bytes(dst, src.read_bytes())
+
+
+class EarlyStopping(Callback):
+    """Stop after `patience` validations without improvement, or at once on a non-finite metric."""
+
+    key = "early_stopping"
+
+    def __init__(self, monitor: str, mode: str, patience: int, min_delta: float = 0.0, check_finite: bool = True) -> None:
+        self.monitor, self.mode, self.patience = monitor, mode, patience
+        self.min_delta, self.check_finite = abs(min_delta), check_finite
+        self.best: float | None = None
+        self.wait = 0
+
+    def on_validation_end(self, trainer: "Trainer", metrics: dict) -> None:
+        value = metrics.get(self.monitor)
+        if value is None:
+            return
+        if not math.isfinite(value):
+            if self.check_finite:
+                trainer.request_stop(f"early stopping: {self.monitor} is {value}")
+            return
+        if improved(value, self.best, self.mode, self.min_delta):
+            self.best, self.wait = value, 0
+            return
+        self.wait += 1
+        if self.patience > 0 and self.wait >= self.patience:
+            trainer.request_stop(f"early stopping: {self.monitor} did not improve for {self.wait} validations "
+                                 f"(best {self.best:.6g})")
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.wait = state["best"], state["wait"]
+
+
+class LRMonitor(Callback):
+    """Adds the learning rate of every parameter group to the training log rows."""
+
+    def on_train_log(self, trainer: "Trainer", row: dict) -> None:
+        lrs = trainer.schedule.lrs
+        row["lr"] = lrs[0]
+        for i, lr in enumerate(lrs[1:], start=1):
+            row[f"lr_{i}"] = lr
+
+
+class History(Callback):
+    """history.json: one summary per epoch (train loss, validation metrics, lr, seconds)."""
+
+    key = "history"
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self._val: dict = {}
+        self._t0 = time.time()
+
+    def on_train_epoch_start(self, trainer: "Trainer") -> None:
+        self._val, self._t0 = {}, time.time()
+
+    def on_validation_end(self, trainer: "Trainer", metrics: dict) -> None:
+        self._val = dict(metrics)
+
+    def on_train_epoch_end(self, trainer: "Trainer") -> None:
+        row = {"epoch": trainer.epoch, "step": trainer.global_step, **trainer.epoch_train_metrics, **self._val,
+               "lr": trainer.schedule.lrs[0], "seconds": round(time.time() - self._t0, 3)}
+        self.rows.append({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in row.items()})
+        if trainer.is_main:
+            import json
+
+            atomic_write_bytes(trainer.run_dir / "history.json", json.dumps(self.rows, indent=1).encode())
+
+    def state_dict(self) -> dict:
+        import json
+
+        return {"rows": json.dumps(self.rows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        import json
+
+        self.rows = json.loads(state["rows"])

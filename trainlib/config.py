@@ -1,0 +1,335 @@
+"""Typed configuration: a tree of dataclasses, YAML files and `section.key=value` overrides.
+
+Why dataclasses: defaults live in code next to their type and help text, so `--help`, type
+checking and "did you mean" suggestions come for free, and a run is reproducible from the
+resolved tree that is written to the run directory and stored in every checkpoint.
+
+    cfg = Config(model=PDANModel(), data=CharadesData())
+    apply_overrides(cfg, ["trainer.max_epochs=5", "optim.lr=3e-4"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class UserError(Exception):
+    """Bad input from the user (config, data, checkpoint): reported as one clear line, no traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad key or value; the message names it and says what was expected."""
+
+
+class DataError(UserError, ValueError):
+    """A dataset that cannot be read as expected; the message names the file and what was expected."""
+
+
+# Spellings users of Lightning and the seed projects type, mapped to ours.
+VALUE_ALIASES: dict[str, dict[str, str]] = {
+    "trainer.precision": {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "16-true": "16-mixed"},
+}
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a one-line description (shown by `--help`)."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------------------------
+# Engine-owned sections. Recipes own `model` and `data` (their data config subclasses DataConfig).
+
+Precision = Literal["32-true", "16-mixed", "bf16-mixed", "bf16-true"]
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = opt(10, "epochs to train (an epoch is one pass over the train split)")
+    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: no limit)")
+    max_time: str = opt("", "stop after this wall time, 'DD:HH:MM:SS' or seconds (checked on logging steps and epoch ends)")
+    precision: Precision = opt("32-true", "numeric precision: 32-true, 16-mixed (GradScaler), bf16-mixed, bf16-true")
+    strategy: Literal["ddp", "none"] = opt("ddp", "ddp: wrap in DistributedDataParallel when world size > 1; none: never wrap")
+    accumulate_grad_batches: int = opt(1, "micro-batches per optimizer step (DDP sync only on the last one)")
+    grad_clip: float = opt(0.0, "clip the global gradient norm to this value (0: off)")
+    compile: bool = opt(False, "torch.compile the inner module (checkpoint keys stay plain)")
+    cuda_graphs: bool = opt(False, "capture the whole training step in a CUDA graph (GPU, static shapes)")
+    seed: int = opt(0, "global seed; rank r seeds its RNGs with seed + r")
+    deterministic: bool = opt(False, "torch.use_deterministic_algorithms (slower, reproducible)")
+    device: str = opt("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, or cuda")
+    ddp_timeout: float = opt(1800.0, "seconds a collective may wait before the process group errors out")
+    find_unused_parameters: bool = opt(False, "DDP find_unused_parameters (needed when some parameters get no gradient)")
+    sync_batchnorm: bool = opt(False, "convert BatchNorm layers to SyncBatchNorm under DDP")
+    check_val_every_n_epoch: int = opt(1, "validate every n epochs (0: never)")
+    limit_train_batches: Union[int, float] = opt(1.0, "train batches per epoch: an int is a count, a float a fraction")
+    limit_val_batches: Union[int, float] = opt(1.0, "validation batches: an int is a count, a float a fraction")
+    fast_dev_run: Union[bool, int] = opt(False, "true or N: run N (1) train and val batches, one epoch, write no checkpoints")
+    test_only: bool = opt(False, "skip training: load trainer.ckpt_path and evaluate the test split")
+    ckpt_path: str = opt("", "checkpoint to load weights from (test_only, or fine-tuning start)")
+    resume: str = opt("", "resume from a checkpoint path, or 'auto' = last.ckpt of the run directory")
+    out_dir: str = opt("runs", "parent folder of run directories")
+    run_name: str = opt("", "run directory name under out_dir (default: <recipe>_<date>_<time>)")
+    overwrite: bool = opt(False, "allow a fresh run in a run directory that already holds a run")
+    ckpt_every_n_steps: int = opt(0, "also save last.ckpt every n optimizer steps (0: only at epoch ends)")
+    save_top_k: int = opt(1, "keep the k best checkpoints by the monitored metric (0: none, -1: all)")
+    save_last: bool = opt(True, "keep checkpoints/last.ckpt up to date")
+    monitor: str = opt("val/loss", "metric that decides best checkpoints, early stopping and plateau scheduling")
+    mode: Literal["min", "max"] = opt("min", "whether the monitored metric should go down (min) or up (max)")
+    early_stop_patience: int = opt(0, "stop after this many validations without improvement (0: off)")
+    early_stop_min_delta: float = opt(0.0, "smallest change of the monitored metric that counts as improvement")
+    stop_on_nonfinite: bool = opt(True, "stop the run when the loss or the monitored metric is NaN/inf")
+    export: bool = opt(True, "write model.safetensors (+ its config) to the run directory at the end of fit")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adam", "sgd"] = opt("adamw", "optimizer")
+    lr: float = opt(1e-3, "peak learning rate")
+    weight_decay: float = opt(0.0, "weight decay (decoupled for adamw)")
+    betas: list[float] = opt([0.9, 0.999], "Adam betas")
+    eps: float = opt(1e-8, "Adam epsilon")
+    momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(False, "SGD Nesterov momentum")
+    scheduler: Literal["cosine", "plateau", "onecycle", "step", "none"] = opt("none", "learning-rate schedule, stepped once per optimizer step")
+    warmup_steps: int = opt(0, "linear warmup from 0 over this many optimizer steps")
+    min_lr: float = opt(0.0, "cosine: final learning rate")
+    step_size: int = opt(10, "step: decay every this many epochs")
+    gamma: float = opt(0.1, "step: decay factor")
+    plateau_factor: float = opt(0.5, "plateau: multiply the lr by this when the monitored metric stalls")
+    plateau_patience: int = opt(8, "plateau: validations without improvement before decaying")
+    onecycle_pct_start: float = opt(0.3, "onecycle: fraction of steps spent increasing the lr")
+    onecycle_div_factor: float = opt(25.0, "onecycle: start lr = lr / div_factor")
+    onecycle_final_div_factor: float = opt(1e4, "onecycle: final lr = start lr / final_div_factor")
+
+
+@dataclass
+class LogConfig:
+    loggers: list[str] = opt(["console", "jsonl"], "any of console, jsonl, tensorboard, wandb (jsonl is always on)")
+    every_n_steps: int = opt(10, "log training metrics every n optimizer steps (the only host syncs in the loop)")
+    progress_bar: bool = opt(True, "tqdm progress bar on rank 0 (console logger)")
+    wandb_project: str = opt("trainlib", "wandb project")
+    wandb_entity: str = opt("", "wandb entity (team or user)")
+    wandb_mode: Literal["offline", "online", "disabled"] = opt("offline", "wandb mode; offline unless you opt in")
+    wandb_group: str = opt("", "wandb group (hyper-parameter studies group their trials)")
+
+
+@dataclass
+class DataConfig:
+    """Keys every recipe's data section has; recipes subclass it and add their own."""
+    root: str = opt("", "dataset folder (empty: generate a synthetic dataset in the real format and train on it)")
+    batch_size: int = opt(8, "batch size per process")
+    val_batch_size: int = opt(0, "validation/test batch size per process (0: same as batch_size)")
+    num_workers: int = opt(0, "DataLoader worker processes per rank")
+    pin_memory: bool = opt(True, "pin host memory for faster copies to the GPU (ignored on CPU)")
+    drop_last: bool = opt(False, "drop the last incomplete training batch")
+
+
+@dataclass
+class Config:
+    """The whole run: engine sections plus the recipe's `model` and `data`."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    data: Any = field(default_factory=DataConfig)
+    model: Any = None
+    recipe: str = opt("", "the recipe this config belongs to (set by the recipe; YAML files may name it)")
+
+
+# --------------------------------------------------------------------------------------------
+# Walking the tree
+
+def leaves(cfg: Any, prefix: str = "") -> dict[str, tuple[Any, dataclasses.Field, Any]]:
+    """Flat map 'section.key' -> (owner dataclass instance, field, resolved type hint)."""
+    out: dict[str, tuple[Any, dataclasses.Field, Any]] = {}
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.update(leaves(value, key + "."))
+        elif value is None and hints[f.name] is Any:
+            continue  # an absent section (e.g. no model config for a plain notebook run)
+        else:
+            out[key] = (cfg, f, hints[f.name])
+    return out
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (YAML/JSON/checkpoint friendly)."""
+    return dataclasses.asdict(cfg)
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return f"list[{type_name(inner)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, raw: Any) -> Any:
+    """Check `value` (already YAML-parsed) against type `tp`; return it converted or raise."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key '{key}': expected {type_name(tp)}, got {raw!r}")
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if str(value) in [str(c) for c in choices]:
+            return next(c for c in choices if str(c) == str(value))
+        raise ConfigError(f"config key '{key}': expected one of {', '.join(map(str, choices))}, got {raw!r}")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        for a in args:  # exact type match first (1 -> int, 1.0 -> float, true -> bool)
+            if type(value) is a:
+                return value
+        for a in args:
+            try:
+                return _coerce(value, a, key, raw)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):  # a,b,c shorthand
+            value = [yaml.safe_load(v) if inner is not str else v for v in value.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(v, inner, key, v) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:  # YAML 1.1 reads '3e-4' as a string
+            return float(value) if isinstance(value, str) else _raise(bad)
+        except ValueError:
+            raise bad from None
+    if tp is str:
+        return raw if isinstance(raw, str) else str(value)
+    if isinstance(value, tp):
+        return value
+    raise bad
+
+
+def _raise(e: Exception) -> Any:
+    raise e
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # try the leaf name alone ("max_epoch" -> "trainer.max_epochs")
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in valid}
+        hit = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        close = [by_leaf[hit[0]]] if hit else []
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def resolve_key(cfg: Any, key: str, aliases: dict[str, str] | None = None) -> str:
+    """Full 'section.key' for a full key, an alias, or a leaf name that is unique in the tree."""
+    table = leaves(cfg)
+    if key in table:
+        return key
+    if aliases and key in aliases:
+        return aliases[key]
+    if "." not in key:
+        matches = [k for k in table if k.rsplit(".", 1)[-1] == key]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise ConfigError(f"config key '{key}' is ambiguous: say one of {', '.join(matches)}")
+    raise ConfigError(f"unknown config key '{key}'{_suggest(key, list(table))}")
+
+
+def set_value(cfg: Any, key: str, raw: Any, aliases: dict[str, str] | None = None) -> str:
+    """Set one key from a raw value (a CLI string or an already-parsed YAML value)."""
+    full = resolve_key(cfg, key, aliases)
+    owner, f, tp = leaves(cfg)[full]
+    if isinstance(raw, str):
+        try:
+            parsed = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            parsed = raw
+    else:
+        parsed = raw
+    if full in VALUE_ALIASES and str(parsed) in VALUE_ALIASES[full]:
+        parsed = raw = VALUE_ALIASES[full][str(parsed)]
+    setattr(owner, f.name, _coerce(parsed, tp, full, raw))
+    return full
+
+
+def apply_overrides(cfg: Any, overrides: list[str], aliases: dict[str, str] | None = None) -> None:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        set_value(cfg, key.strip(), raw, aliases)
+
+
+def apply_dict(cfg: Any, data: dict, source: str, prefix: str = "") -> None:
+    """Apply a nested mapping (a YAML file's content) onto the tree."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            apply_dict(cfg, v, source, key + ".")
+        else:
+            try:
+                set_value(cfg, key, v)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+
+
+def load_yaml(cfg: Any, path: str) -> None:
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    data.pop("recipe", None)
+    apply_dict(cfg, data, path)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def help_text(cfg: Any) -> str:
+    """Every key with its type, default and one-line description."""
+    rows = []
+    for key, (owner, f, tp) in leaves(cfg).items():
+        default = getattr(owner, f.name)
+        rows.append((key, type_name(tp), repr(default), f.metadata.get("help", "")))
+    w0 = max(len(r[0]) for r in rows)
+    w1 = min(max(len(r[1]) for r in rows), 28)
+    lines, section = [], None
+    for key, tname, default, desc in rows:
+        sec = key.split(".", 1)[0]
+        if sec != section:
+            lines.append(f"\n[{sec}]")
+            section = sec
+        lines.append(f"  {key:<{w0}}  {tname:<{w1}}  default {default}\n  {'':<{w0}}  {desc}")
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""Data loading: an explicit, resumable distributed sampler, DataLoader wiring, device prefetch.
+
+Why a sampler of our own: DistributedSampler cannot start in the middle of an epoch, and its
+shuffle silently repeats unless `set_epoch` is called. Ours takes the epoch in `set_epoch`
+(called by the trainer every epoch, always) and a `start` offset so that a resumed run skips the
+samples it already consumed instead of replaying batches.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class ShardSampler(Sampler[int]):
+    """Rank `rank` of `world` takes every world-th index of a (shuffled) permutation.
+
+    Training (`shuffle=True`): the permutation depends on (seed, epoch) only, so all ranks agree,
+    and it is padded by wrapping around so every rank gets the same number of samples (DDP needs
+    equal step counts). Evaluation (`shuffle=False`, `pad=False`): no padding, so every sample is
+    scored exactly once; ranks may get one sample more or less (metrics are reduced after the loop).
+    """
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0,
+                 pad: bool = True, drop_last: bool = False) -> None:
+        self.n, self.rank, self.world = n, rank, world
+        self.shuffle, self.seed, self.pad, self.drop_last = shuffle, seed, pad, drop_last
+        self.epoch = 0
+        self.start = 0  # samples of this rank's share already consumed (resume)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.start = 0
+
+    def skip(self, n_samples: int) -> None:
+        """Start the current epoch after the first `n_samples` of this rank's share."""
+        self.start = n_samples
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.pad and self.world > 1:
+            if self.drop_last:
+                order = order[: (self.n // self.world) * self.world]
+            else:
+                total = math.ceil(self.n / self.world) * self.world
+                order = (order * math.ceil(total / max(1, self.n)))[:total]
+        return order[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, len(self.indices()) - self.start)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker with the loader's base seed + worker id; derive numpy/random from it.
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def build_loader(dataset: Dataset, *, batch_size: int, sampler: ShardSampler, collate_fn: Callable | None,
+                 num_workers: int, pin_memory: bool, drop_last: bool, generator: torch.Generator | None = None) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
+        pin_memory=pin_memory, drop_last=drop_last, worker_init_fn=_seed_worker if num_workers else None,
+        generator=generator, persistent_workers=False,
+    )
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply `fn` to every tensor inside nested dicts/lists/tuples (other leaves pass through)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(map_tensors(v, fn) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> Any:
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=non_blocking))
+
+
+def batch_size_of(batch: Any) -> int:
+    """Number of samples in a batch: the leading dim of its first tensor."""
+    found: list[int] = []
+    map_tensors(batch, lambda t: found.append(t.shape[0] if t.dim() else 1) or t)
+    return found[0] if found else 1
+
+
+class DevicePrefetcher:
+    """Iterate a loader with batch i+1 already on its way to the GPU while step i runs.
+
+    On CUDA the copy runs on a side stream from pinned memory (non_blocking); the compute stream
+    waits on an event, and the batch's memory is marked as used by the compute stream. On CPU it
+    simply yields the loader's batches.
+    """
+
+    def __init__(self, loader: Any, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _load(self, it: Iterator) -> Any:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return StopIteration
+        if self.stream is None:
+            return batch
+        with torch.cuda.stream(self.stream):
+            return to_device(batch, self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[Any]:
+        it = iter(self.loader)
+        nxt = self._load(it)
+        while nxt is not StopIteration:
+            cur = nxt
+            if self.stream is not None:
+                torch.cuda.current_stream(self.device).wait_stream(self.stream)
+                map_tensors(cur, lambda t: t.record_stream(torch.cuda.current_stream(self.device)) or t)
+            nxt = self._load(it)
+            yield cur

@@ -1,0 +1,571 @@
+"""The Trainer: one readable loop that owns distribution, precision, accumulation and checkpoints.
+
+    trainer = Trainer(model, loss_fn, train_data, val_data, config=TrainerConfig(max_epochs=5))
+    trainer.fit()
+
+`loss_fn(outputs, batch)` returns a scalar mean loss, or a dict {"loss": mean, "weight": n, ...}
+where `weight` is how many items the mean is over (valid frames, tokens; default: the batch's
+sample count) and other entries are logged. Gradients are normalised by the GLOBAL weight of the
+optimizer step (all micro-batches, all ranks), so k micro-batches give the same gradient as one
+batch k times larger, including the shorter last window of an epoch, and 2 ranks the same as 1.
+The callback events and the loop order are documented in callbacks.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from . import __version__, checkpoint, dist
+from .callbacks import Callback, EarlyStopping, History, LRMonitor, ModelCheckpoint
+from .config import Config, ConfigError, DataConfig, LogConfig, OptimConfig, TrainerConfig, dump_yaml, to_dict
+from .data import DevicePrefetcher, ShardSampler, batch_size_of, build_loader, to_device
+from .loggers import ConsoleLogger, Logger, build_loggers, log, setup_text_log
+from .metrics import MeanMetric, Metric
+from .optim import LRSchedule, build_optimizer, trainable_params
+from .precision import Precision
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """(inputs, target) tuples -> model(inputs); anything else -> model(batch)."""
+    if isinstance(batch, (list, tuple)):
+        return model(batch[0])
+    return model(batch)
+
+
+def parse_duration(text: str) -> float:
+    """'DD:HH:MM:SS' (or fewer fields) or plain seconds -> seconds; '' -> inf."""
+    if not text:
+        return math.inf
+    try:
+        parts = [float(p) for p in str(text).split(":")]
+    except ValueError:
+        raise ConfigError(f"trainer.max_time: expected 'DD:HH:MM:SS' or seconds, got {text!r}") from None
+    seconds = 0.0
+    for p, unit in zip(reversed(parts), (1, 60, 3600, 86400)):
+        seconds += p * unit
+    return seconds
+
+
+def _limit(n: int, limit: int | float, key: str) -> int:
+    if isinstance(limit, bool) or limit < 0:
+        raise ConfigError(f"trainer.{key}: expected a count >= 0 or a fraction in [0, 1], got {limit!r}")
+    if isinstance(limit, float):
+        if limit > 1.0:
+            raise ConfigError(f"trainer.{key}: a float is a fraction in [0, 1]; got {limit} (use an int for a count)")
+        return min(n, max(1, int(n * limit)) if limit > 0 and n > 0 else 0)
+    return min(n, limit)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], Any],
+        train_data: Any = None,
+        val_data: Any = None,
+        test_data: Any = None,
+        *,
+        config: Config | TrainerConfig | None = None,
+        optim: OptimConfig | None = None,
+        data: DataConfig | None = None,
+        log_config: LogConfig | None = None,
+        metrics: Callable[[], list[Metric]] | list[Metric] | None = None,
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+        collate_fn: Callable | None = None,
+        callbacks: Iterable[Callback] = (),
+        param_groups: list[dict] | None = None,
+        name: str = "run",
+    ) -> None:
+        if isinstance(config, Config):
+            cfg = config
+        else:
+            cfg = Config(trainer=config or TrainerConfig(), optim=optim or OptimConfig(),
+                         data=data or DataConfig(), log=log_config or LogConfig(), recipe=name)
+        self.cfg, self.tc = cfg, cfg.trainer
+        self.name = cfg.recipe or name
+        self.loss_fn, self.forward_fn = loss_fn, forward_fn or default_forward
+        self._metric_factory = metrics if callable(metrics) else (lambda m=metrics or []: m)
+        self.datasets = {"train": train_data, "val": val_data, "test": test_data}
+        self.collate_fn = collate_fn
+
+        fdr = self.tc.fast_dev_run
+        self.fast_dev_run = (1 if fdr is True else int(fdr)) if fdr not in (False, 0) else 0
+        if self.tc.accumulate_grad_batches < 1:
+            raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, got {self.tc.accumulate_grad_batches}")
+        self.max_seconds = parse_duration(self.tc.max_time)
+
+        # --- setup: device, process group, seeds --------------------------------------------------
+        pre_env = dist.env_from_torchrun()
+        self.device = dist.pick_device(self.tc.device, pre_env)
+        self.env = dist.init(self.device, self.tc.ddp_timeout)
+        self.is_main = self.env.is_main
+        dist.seed_everything(self.tc.seed, self.env.rank)
+        if self.tc.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.precision = Precision(self.tc.precision, self.device.type)
+        if self.tc.cuda_graphs and self.device.type != "cuda":
+            log.warning("trainer.cuda_graphs=true ignored: CUDA graphs need a GPU; running eagerly")
+
+        # --- model: device -> dtype -> sync BN -> compile -> DDP ----------------------------------
+        self.model = model.to(self.device, dtype=self.precision.param_dtype)
+        use_ddp = self.env.distributed and self.tc.strategy == "ddp"
+        if use_ddp and self.tc.sync_batchnorm:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.compiled = torch.compile(self.model) if self.tc.compile else self.model
+        if use_ddp:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_module = nn.parallel.DistributedDataParallel(
+                self.compiled, device_ids=ids, find_unused_parameters=self.tc.find_unused_parameters)
+        else:
+            self.train_module = self.compiled
+        self.ddp = use_ddp
+
+        # --- data -----------------------------------------------------------------------------------
+        self.loaders: dict[str, Any] = {}
+        if train_data is not None:
+            self.train_sampler = ShardSampler(len(train_data), self.env.rank, self.env.world_size, shuffle=True,
+                                              seed=self.tc.seed, pad=True, drop_last=cfg.data.drop_last)
+            self.loader_gen = torch.Generator()
+            self.loaders["train"] = self._loader(train_data, cfg.data.batch_size, self.train_sampler,
+                                                 cfg.data.drop_last, self.loader_gen)
+            if len(self.loaders["train"]) == 0:
+                raise ConfigError(f"the train split has {len(train_data)} samples: not enough for one batch of "
+                                  f"data.batch_size={cfg.data.batch_size} on {self.env.world_size} process(es)")
+        for split in ("val", "test"):
+            ds = self.datasets[split]
+            if ds is not None:
+                if len(ds) == 0:
+                    raise ConfigError(f"the {split} split is empty")
+                sampler = ShardSampler(len(ds), self.env.rank, self.env.world_size, shuffle=False, pad=False)
+                self.loaders[split] = self._loader(ds, cfg.data.val_batch_size or cfg.data.batch_size, sampler, False)
+
+        # --- optimizer, schedule, scaler -----------------------------------------------------------
+        self.optimizer = build_optimizer(param_groups or trainable_params(self.model), cfg.optim)
+        self.train_batches = self._train_batches_per_epoch() if train_data is not None else 0
+        self.steps_per_epoch = math.ceil(self.train_batches / self.tc.accumulate_grad_batches)
+        epochs = 1 if self.fast_dev_run else self.tc.max_epochs
+        total = epochs * self.steps_per_epoch
+        if self.tc.max_steps > 0:
+            total = min(total, self.tc.max_steps) if total > 0 else self.tc.max_steps
+        self.total_steps = total
+        self.schedule = LRSchedule(self.optimizer, cfg.optim, total, self.steps_per_epoch, self.tc.mode)
+        self.scaler = self.precision.scaler()
+
+        # --- loop state (everything a checkpoint must restore) -------------------------------------
+        self.epoch = 0
+        self.global_step = 0
+        self.batch_in_epoch = 0       # micro-batches of the current epoch already consumed
+        self.epoch_done = False
+        self.should_stop = False
+        self.stop_reason = ""
+        self.epoch_train_metrics: dict[str, float] = {}
+        self.callbacks: list[Callback] = list(callbacks)
+        self.run_dir: Path = Path(self.tc.out_dir)
+        self.loggers: list[Logger] = []
+
+    # ------------------------------------------------------------------------------------------
+    def _loader(self, ds: Any, batch_size: int, sampler: ShardSampler, drop_last: bool, gen: torch.Generator | None = None):
+        return build_loader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.collate_fn,
+                            num_workers=self.cfg.data.num_workers,
+                            pin_memory=self.cfg.data.pin_memory and self.device.type == "cuda",
+                            drop_last=drop_last, generator=gen)
+
+    def _train_batches_per_epoch(self) -> int:
+        n = len(self.loaders["train"])
+        if self.fast_dev_run:
+            return min(n, self.fast_dev_run)
+        return _limit(n, self.tc.limit_train_batches, "limit_train_batches")
+
+    def request_stop(self, reason: str) -> None:
+        """Called with values that are identical on every rank, so every rank stops together."""
+        if not self.should_stop:
+            self.should_stop, self.stop_reason = True, reason
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(self, *args)
+
+    def _log_row(self, row: dict) -> None:
+        if self.is_main:
+            for lg in self.loggers:
+                lg.log(row)
+
+    @property
+    def console(self) -> ConsoleLogger | None:
+        return next((lg for lg in self.loggers if isinstance(lg, ConsoleLogger)), None)
+
+    # ---------------------------------------------------------------- run directory and loggers
+    def _prepare_run_dir(self, fresh_ok: bool) -> None:
+        tc = self.tc
+        run_name = tc.run_name
+        if not run_name:
+            run_name = dist.broadcast_object(f"{self.name}_{time.strftime('%Y%m%d_%H%M%S')}")
+        self.run_dir = Path(tc.out_dir) / run_name
+        problem = ""
+        if self.is_main:
+            occupied = (self.run_dir / "metrics.jsonl").exists() or (self.run_dir / "checkpoints").exists()
+            if occupied and not fresh_ok:
+                if tc.overwrite:
+                    for p in ("metrics.jsonl", "history.json", "train.log", "model.safetensors", "tb"):
+                        q = self.run_dir / p
+                        shutil.rmtree(q) if q.is_dir() else q.unlink(missing_ok=True)
+                    shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+                else:
+                    problem = (f"run directory {self.run_dir} already holds a run; continue it with "
+                               f"trainer.resume=auto, start over with trainer.overwrite=true, or pick another trainer.run_name")
+            if not problem:
+                (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        problem = dist.broadcast_object(problem)
+        if problem:
+            raise ConfigError(problem)
+        setup_text_log(self.run_dir, self.is_main)
+        if self.is_main:
+            checkpoint.atomic_write_bytes(self.run_dir / "config.yaml", dump_yaml(self.cfg).encode())
+            self.loggers = build_loggers(self.cfg.log, run_name)
+            for lg in self.loggers:
+                lg.start(self.run_dir, to_dict(self.cfg))
+
+    def _default_callbacks(self) -> None:
+        tc = self.tc
+        have = {type(cb) for cb in self.callbacks}
+        builtin: list[Callback] = [LRMonitor(), History()]
+        if tc.early_stop_patience > 0 or tc.stop_on_nonfinite:
+            builtin.append(EarlyStopping(tc.monitor, tc.mode, tc.early_stop_patience, tc.early_stop_min_delta,
+                                         check_finite=tc.stop_on_nonfinite))
+        if not self.fast_dev_run:
+            builtin.append(ModelCheckpoint(tc.monitor, tc.mode, tc.save_top_k, tc.save_last, tc.ckpt_every_n_steps))
+        self.callbacks = [cb for cb in builtin if type(cb) not in have] + self.callbacks
+
+    def _resume_path(self) -> Path | None:
+        r = self.tc.resume
+        if not r:
+            return None
+        if r != "auto":
+            return Path(r)
+        if self.tc.run_name:
+            candidates = [Path(self.tc.out_dir) / self.tc.run_name]
+        else:  # newest run of this recipe that has a last.ckpt
+            candidates = sorted(Path(self.tc.out_dir).glob(f"{self.name}_*"), key=lambda p: p.name, reverse=True)
+        for c in candidates:
+            if (c / "checkpoints" / "last.ckpt").is_file():
+                return c / "checkpoints" / "last.ckpt"
+        return None
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def state_dict(self, epoch_done: bool) -> dict:
+        """Everything a resume needs. RNG states of every rank are gathered (a collective)."""
+        rngs = dist.all_gather_object(dist.rng_state())
+        return {
+            "format": checkpoint.FORMAT,
+            "version": __version__,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "batch_in_epoch": self.batch_in_epoch,
+            "epoch_done": epoch_done,
+            "sampler_seed": self.tc.seed,
+            "world_size": self.env.world_size,
+            "rng": rngs,
+            "callbacks": {cb.key: cb.state_dict() for cb in self.callbacks if cb.key},
+            "config": to_dict(self.cfg),
+        }
+
+    def save_checkpoint(self, path: str | os.PathLike, epoch_done: bool | None = None) -> None:
+        """Every rank calls this (RNG gather); rank 0 writes atomically."""
+        state = self.state_dict(self.epoch_done if epoch_done is None else epoch_done)
+        if self.is_main:
+            checkpoint.atomic_save(state, path)
+
+    def load_checkpoint(self, path: str | os.PathLike, weights_only: bool = False) -> None:
+        state = checkpoint.load(path)
+        checkpoint.load_model_state(self.model, state["model"], str(path))
+        if weights_only:
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        for cb in self.callbacks:
+            if cb.key and cb.key in state["callbacks"]:
+                cb.load_state_dict(state["callbacks"][cb.key])
+        self.global_step = state["global_step"]
+        if state["epoch_done"]:
+            self.epoch, self.batch_in_epoch = state["epoch"] + 1, 0
+        else:
+            self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        rngs = state["rng"]
+        if len(rngs) == self.env.world_size:
+            dist.set_rng_state(rngs[self.env.rank])
+        else:
+            log.warning(f"{path} was written by {len(rngs)} process(es), this run has {self.env.world_size}: "
+                        "random streams restart from the seed (results will differ from an uninterrupted run)")
+        log.info(f"resumed from {path}: epoch {self.epoch}, step {self.global_step}, "
+                 f"batch {self.batch_in_epoch} of the epoch")
+
+    # ------------------------------------------------------------------------------------- fit
+    def fit(self) -> dict[str, float]:
+        if "train" not in self.loaders:
+            raise ConfigError("fit() needs training data")
+        tc = self.tc
+        self._default_callbacks()
+        resume = self._resume_path()
+        if tc.resume and resume is None:
+            if tc.resume == "auto":
+                log.info("trainer.resume=auto: no last.ckpt found, starting a fresh run")
+            else:
+                raise checkpoint.CheckpointError(f"trainer.resume: checkpoint not found: {tc.resume}")
+        if resume is not None and not tc.run_name and tc.resume == "auto":
+            self.tc.run_name = resume.parent.parent.name
+        self._prepare_run_dir(fresh_ok=resume is not None)
+        if resume is not None:
+            self.load_checkpoint(resume)
+        elif tc.ckpt_path:
+            self.load_checkpoint(tc.ckpt_path, weights_only=True)
+            log.info(f"initialised weights from {tc.ckpt_path}")
+        log.info(f"run directory: {self.run_dir}  ({self.env.world_size} process(es), device {self.device.type}, "
+                 f"precision {tc.precision}, {self.steps_per_epoch} steps/epoch)")
+
+        t_start = time.time()
+        last_val: dict[str, float] = {}
+        max_epochs = 1 if self.fast_dev_run else tc.max_epochs
+        self._emit("on_fit_start")
+        try:
+            while self.epoch < max_epochs and not self.should_stop:
+                if 0 < tc.max_steps <= self.global_step:
+                    break
+                self.epoch_done = False
+                self._train_epoch(t_start)
+                self.epoch_done = True
+                every = tc.check_val_every_n_epoch
+                if "val" in self.loaders and every > 0 and ((self.epoch + 1) % every == 0 or self._last_epoch(max_epochs)):
+                    last_val = self.evaluate("val")
+                    self._check_monitor(last_val)
+                    self.schedule.on_validation(last_val.get(tc.monitor, math.nan))
+                    self._emit("on_validation_end", last_val)
+                self._emit("on_train_epoch_end")
+                if self.console:
+                    self.console.epoch_end()
+                self.epoch += 1
+                self.batch_in_epoch = 0
+            if self.should_stop:
+                log.info(f"stopped: {self.stop_reason}")
+            self._emit("on_fit_end")
+            if "test" in self.loaders and self.datasets["test"] is not self.datasets["val"]:
+                last_val = {**last_val, **self.evaluate("test")}
+            if tc.export and not self.fast_dev_run:
+                self.export()
+        finally:
+            self.close()
+        return last_val
+
+    def _last_epoch(self, max_epochs: int) -> bool:
+        return self.epoch + 1 >= max_epochs or self.should_stop or 0 < self.tc.max_steps <= self.global_step
+
+    def _check_monitor(self, metrics: dict) -> None:
+        if self.tc.monitor not in metrics:
+            raise ConfigError(f"trainer.monitor={self.tc.monitor!r} is not a validation metric; "
+                              f"available: {', '.join(sorted(metrics))}")
+
+    # ----------------------------------------------------------------------------- one epoch
+    def _train_epoch(self, t_start: float) -> None:
+        tc, k = self.tc, self.tc.accumulate_grad_batches
+        self.train_sampler.set_epoch(self.epoch)            # always: a new shuffle every epoch
+        self.loader_gen.manual_seed(hash((self.tc.seed, self.env.rank, self.epoch)) % 2**62)
+        start = self.batch_in_epoch
+        self.train_sampler.skip(start * self.cfg.data.batch_size)  # resume: skip consumed samples, no replay
+        n = self.train_batches
+        self.train_module.train()
+        self._emit("on_train_epoch_start")
+        if self.console:
+            self.console.epoch_start(self.epoch, n)
+            self.console.advance(start)
+
+        dev = self.device
+        epoch_sum = torch.zeros((), device=dev, dtype=torch.float64)
+        epoch_w = torch.zeros((), device=dev, dtype=torch.float64)
+        win_sum = torch.zeros((), device=dev)
+        win_w = torch.zeros((), device=dev)
+        log_sum = torch.zeros((), device=dev, dtype=torch.float64)
+        log_w = torch.zeros((), device=dev, dtype=torch.float64)
+        nonfinite = torch.zeros((), device=dev, dtype=torch.bool)
+        parts_sum: dict[str, torch.Tensor] = {}
+        t_log, steps_since_log = time.time(), 0
+
+        i = start
+        for batch in DevicePrefetcher(self.loaders["train"], dev):
+            if i >= n:
+                break
+            batch = self.precision.cast_batch(to_device(batch, dev))
+            last_micro = (i + 1) % k == 0 or i + 1 == n
+            sync = contextlib.nullcontext() if (last_micro or not self.ddp) else self.train_module.no_sync()
+            with sync:
+                with self.precision.autocast():
+                    outputs = self.forward_fn(self.train_module, batch)
+                    loss, weight, parts = self._unpack_loss(self.loss_fn(outputs, batch), batch)
+                self.scaler.scale(loss.float() * weight).backward()
+            with torch.no_grad():
+                contrib = loss.detach().float() * weight
+                win_sum += contrib
+                win_w += weight
+                nonfinite |= ~torch.isfinite(contrib)
+                for name, v in parts.items():
+                    parts_sum[name] = parts_sum.get(name, 0) + v.detach().float() * weight
+            i += 1
+            if self.console:
+                self.console.advance()
+            if not last_micro:
+                continue
+
+            self._optimizer_step(win_w)
+            epoch_sum += win_sum
+            epoch_w += win_w
+            log_sum += win_sum
+            log_w += win_w
+            win_sum.zero_()
+            win_w.zero_()
+            self.global_step += 1
+            self.batch_in_epoch = i
+            steps_since_log += 1
+
+            if self.global_step % self.cfg.log.every_n_steps == 0 or i == n:
+                # Logging step: the only host syncs of the loop (.item(), cross-rank reduce).
+                stats = torch.stack([log_sum, log_w, nonfinite.double()] +
+                                    [parts_sum[p].double() for p in sorted(parts_sum)])
+                if self.env.distributed:
+                    torch_dist.all_reduce(stats)
+                vals = stats.tolist()  # host sync (logging step)
+                elapsed = time.time() - t_log
+                row = {"step": self.global_step, "epoch": self.epoch, "split": "train",
+                       "loss": vals[0] / max(vals[1], 1e-12)}
+                for j, p in enumerate(sorted(parts_sum)):
+                    row[p] = vals[3 + j] / max(vals[1], 1e-12)
+                row["steps_per_s"] = steps_since_log / max(elapsed, 1e-9)
+                self._emit("on_train_log", row)
+                self._log_row(row)
+                log_sum.zero_(), log_w.zero_(), parts_sum.clear()
+                t_log, steps_since_log = time.time(), 0
+                if vals[2] > 0 and tc.stop_on_nonfinite:
+                    self.request_stop(f"non-finite training loss at step {self.global_step}")
+                if math.isfinite(self.max_seconds):
+                    over = dist.any_true(time.time() - t_start >= self.max_seconds, dev)  # host sync (logging step)
+                    if over:
+                        self.request_stop(f"trainer.max_time={tc.max_time} reached")
+            self._emit("on_train_step_end")
+            if self.should_stop or 0 < tc.max_steps <= self.global_step:
+                break
+
+        stats = torch.stack([epoch_sum, epoch_w])
+        if self.env.distributed:
+            torch_dist.all_reduce(stats)
+        s, w = stats.tolist()  # host sync (epoch end)
+        self.epoch_train_metrics = {"train/loss": s / w if w > 0 else math.nan}
+
+    def _unpack_loss(self, out: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        if isinstance(out, dict):
+            if "loss" not in out:
+                raise ConfigError("the loss function returned a dict without a 'loss' entry")
+            parts = {k: v for k, v in out.items() if k not in ("loss", "weight") and isinstance(v, torch.Tensor)}
+            weight = out.get("weight")
+            loss = out["loss"]
+        else:
+            loss, weight, parts = out, None, {}
+        if weight is None:
+            weight = batch_size_of(batch)
+        weight = torch.as_tensor(weight, dtype=torch.float32, device=loss.device)
+        return loss, weight, parts
+
+    def _optimizer_step(self, window_weight: torch.Tensor) -> None:
+        """Normalise by the global weight, unscale, clip, step. No host sync (except fp16's scaler)."""
+        total = window_weight.clone()
+        if self.env.distributed:
+            torch_dist.all_reduce(total)  # device-side; DDP already averaged grads over ranks
+        self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            scale = (self.env.world_size / total.clamp_min(1e-12)).to(grads[0].dtype)
+            torch._foreach_mul_(grads, scale)
+        if self.tc.grad_clip > 0:
+            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+
+    # ---------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, split: str = "val") -> dict[str, float]:
+        """Loss and metrics over the whole split, reduced across ranks (every rank must call)."""
+        loader = self.loaders[split]
+        limit = self.fast_dev_run or self.tc.limit_val_batches
+        n = _limit(len(loader), limit, "limit_val_batches")
+        metrics = list(self._metric_factory())
+        for m in metrics:
+            m.reset()
+        loss_mean = MeanMetric("loss")
+        was_training = self.compiled.training
+        self.compiled.eval()
+        for i, batch in enumerate(DevicePrefetcher(loader, self.device)):
+            if i >= n:
+                break
+            batch = self.precision.cast_batch(to_device(batch, self.device))
+            with self.precision.autocast():
+                outputs = self.forward_fn(self.compiled, batch)
+                loss, weight, _ = self._unpack_loss(self.loss_fn(outputs, batch), batch)
+            loss_mean.add(loss.float(), weight)
+            for m in metrics:
+                m.update(outputs, batch)
+        self.compiled.train(was_training)
+        result = {f"{split}/{k}": v for k, v in loss_mean.compute(self.device).items()}
+        for m in metrics:
+            result.update({f"{split}/{k}": float(v) for k, v in m.compute(self.device).items()})
+        self._log_row({"step": self.global_step, "epoch": self.epoch, "split": split,
+                       **{k.split("/", 1)[1]: v for k, v in result.items()}})
+        return result
+
+    def test(self, ckpt_path: str | None = None, split: str = "test") -> dict[str, float]:
+        """Evaluate `split` (default test, else val) with weights from `ckpt_path` (if given)."""
+        if split not in self.loaders:
+            split = "val"
+        if split not in self.loaders:
+            raise ConfigError("test needs a test or val split")
+        if not self.loggers:
+            self._prepare_run_dir(fresh_ok=True)
+        if ckpt_path:
+            self.load_checkpoint(ckpt_path, weights_only=True)
+            log.info(f"loaded weights from {ckpt_path}")
+        try:
+            return self.evaluate(split)
+        finally:
+            self.close()
+
+    # ---------------------------------------------------------------------------- export/close
+    def export(self) -> Path | None:
+        """model.safetensors (+ config) in the run directory: best checkpoint's weights if any, else final."""
+        best = self.run_dir / "checkpoints" / "best.ckpt"
+        state, source = self.model.state_dict(), "final"
+        if best.is_file():
+            dist.barrier()
+            state, source = checkpoint.load(best)["model"], "best"
+        if self.is_main:
+            meta = {"format": "trainlib", "recipe": self.name, "weights": source, "config": dump_yaml(self.cfg)}
+            checkpoint.export_safetensors(state, self.run_dir / "model.safetensors", meta)
+            log.info(f"exported {source} weights to {self.run_dir / 'model.safetensors'}")
+        return self.run_dir / "model.safetensors"
+
+    def close(self) -> None:
+        for lg in self.loggers:
+            lg.close()
+        self.loggers = []
