@@ -242,3 +242,33 @@ def test_precisions_run_and_learn(tmp_path, precision):
     before = t.evaluate("val")["val/loss"]
     after = t.fit()["val/loss"]
     assert after < 0.5 * before
+
+
+def test_loggers_tensorboard_and_missing_wandb(tmp_path, monkeypatch):
+    t = make_trainer([f"trainer.out_dir={tmp_path}", "trainer.max_epochs=1", "trainer.run_name=tb",
+                      "log.loggers=[console,tensorboard]", "log.every_n_steps=2"], ToyData(32))
+    t.fit()
+    events = list((tmp_path / "tb" / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    t = make_trainer([f"trainer.out_dir={tmp_path}", "trainer.run_name=wb", "log.loggers=wandb"], ToyData(32))
+    with pytest.raises(ConfigError, match="'wandb' but wandb is not installed: pip install wandb"):
+        t.fit()
+
+
+def test_max_time_stops_at_a_logging_step(tmp_path):
+    t = make_trainer([f"trainer.out_dir={tmp_path}", "trainer.max_epochs=100", "trainer.max_time=0.000001",
+                      "log.every_n_steps=3"], ToyData(64))
+    t.fit()
+    assert t.global_step == 3 and "max_time" in t.stop_reason
+
+
+def test_compile_keeps_checkpoint_keys_plain(tmp_path):
+    t = make_trainer([f"trainer.out_dir={tmp_path}", "trainer.max_epochs=1", "trainer.compile=true",
+                      "trainer.run_name=c"], ToyData(32))
+    assert t.compiled is not t.model
+    t.fit()
+    state = torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", weights_only=True)["model"]
+    assert sorted(state) == ["0.bias", "0.weight", "2.bias", "2.weight"]

@@ -112,7 +112,6 @@ class Metric:
         if world == 1:
             return local
         # Ranks without data do not know the trailing shape; agree on it first.
-        shape = [None]
         meta = [tuple(local.shape[1:]) if local.numel() else None, str(local.dtype) if local.numel() else None]
         metas: list[Any] = [None] * world
         dist.all_gather_object(metas, meta)
@@ -121,7 +120,6 @@ class Metric:
             return local
         if local.numel() == 0:
             local = torch.empty((0, *known[0]), dtype=getattr(torch, known[1].split(".")[-1]), device=local.device)
-        del shape
         return all_gather_cat(local)
 
 

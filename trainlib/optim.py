@@ -19,10 +19,9 @@ def build_optimizer(params: Iterable[Any], cfg: OptimConfig) -> torch.optim.Opti
     params = list(params)
     if not params:
         raise ConfigError("the model has no trainable parameters (all frozen?)")
-    fused = {}
     if cfg.name in ("adam", "adamw"):
         return (torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam)(
-            params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, **fused)
+            params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)

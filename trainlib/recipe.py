@@ -29,6 +29,7 @@ class Recipe:
     build_model: Callable[[Any], Any]       # (cfg: Config) -> nn.Module
     build_datasets: Callable[[Any], dict]   # (cfg) -> {"train": ds, "val": ds, "test": ds (optional)}
     loss: Callable[[Any, Any], Any]         # (outputs, batch) -> Tensor | {"loss": t, "weight": n, ...parts}
+    build_loss: Optional[Callable[[Any], Callable]] = None    # (cfg) -> loss; wins over `loss` when the loss depends on cfg
     metrics: Callable[[Any], list] = lambda cfg: []          # (cfg) -> [Metric, ...]
     forward: Optional[Callable[[Any, Any], Any]] = None      # (model, batch) -> outputs
     collate: Optional[Callable[[Any], Callable]] = None      # (cfg) -> collate_fn
@@ -198,7 +199,7 @@ def run(recipe: Recipe, cfg: Config, demo: bool = False) -> dict[str, float]:
     dist.seed_everything(cfg.trainer.seed, 0)  # identical, reproducible initial weights on every rank
     model = recipe.build_model(cfg)
     trainer = Trainer(
-        model, recipe.loss, datasets.get("train") if not cfg.trainer.test_only else None,
+        model, recipe.build_loss(cfg) if recipe.build_loss else recipe.loss, datasets.get("train") if not cfg.trainer.test_only else None,
         datasets.get("val"), datasets.get("test"), config=cfg,
         metrics=lambda: recipe.metrics(cfg), forward_fn=recipe.forward,
         collate_fn=recipe.collate(cfg) if recipe.collate else None,

@@ -158,8 +158,8 @@ class Trainer:
         total = epochs * self.steps_per_epoch
         if self.tc.max_steps > 0:
             total = min(total, self.tc.max_steps) if total > 0 else self.tc.max_steps
-        self.total_steps = total
-        self.schedule = LRSchedule(self.optimizer, cfg.optim, total, self.steps_per_epoch, self.tc.mode)
+        self.total_steps = total if train_data is not None else 1  # evaluation only: no schedule to run
+        self.schedule = LRSchedule(self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch, self.tc.mode)
         self.scaler = self.precision.scaler()
 
         # --- loop state (everything a checkpoint must restore) -------------------------------------
