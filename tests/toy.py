@@ -23,7 +23,8 @@ from trainlib.config import apply_overrides  # noqa: E402
 class ToyData(Dataset):
     """y = x @ w_true + noise; each item also carries its index and a per-sample validity mask."""
 
-    def __init__(self, n: int = 96, dim: int = 6, seed: int = 0) -> None:
+    def __init__(self, n: int = 96, dim: int = 6, seed: int = 0, augment: bool = False, delay: float = 0.0) -> None:
+        self.augment, self.delay = augment, delay
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, 4, dim, generator=g)
         w = torch.randn(dim, 1, generator=torch.Generator().manual_seed(1234))  # the same task for every split
@@ -37,12 +38,29 @@ class ToyData(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         self.seen.append(i)
-        return {"x": self.x[i], "y": self.y[i], "valid": self.valid[i], "idx": torch.tensor(i)}
+        x = self.x[i]
+        if self.augment:  # random draws from torch, numpy and python: all must replay exactly on resume
+            import random
+
+            import numpy as np
+
+            x = x + 0.05 * torch.randn_like(x) + float(np.random.normal(0, 0.05)) + random.uniform(-0.05, 0.05)
+        if self.delay:
+            import time
+
+            time.sleep(self.delay)
+        return {"x": x, "y": self.y[i], "valid": self.valid[i], "idx": torch.tensor(i)}
 
 
-def toy_model(dim: int = 6) -> nn.Module:
+def toy_model(dim: int = 6, dropout: float = 0.0, buffer_mb: int = 0) -> nn.Module:
     torch.manual_seed(123)
-    return nn.Sequential(nn.Linear(dim, 16), nn.Tanh(), nn.Linear(16, 1))
+    layers = [nn.Linear(dim, 16), nn.Tanh(), nn.Linear(16, 1)]
+    if dropout:
+        layers.insert(2, nn.Dropout(dropout))
+    model = nn.Sequential(*layers)
+    if buffer_mb:  # a large constant buffer makes checkpoint writes slow enough to be killed mid-write
+        model.register_buffer("ballast", torch.arange(buffer_mb * 2**18, dtype=torch.float32))
+    return model
 
 
 def toy_forward(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -56,7 +74,7 @@ def masked_mse(out: torch.Tensor, batch: dict) -> dict:
     return {"loss": err.sum() / n, "weight": n}
 
 
-def make_trainer(overrides: list[str], data: ToyData | None = None, **kw) -> Trainer:
+def make_trainer(overrides: list[str], data: ToyData | None = None, model: nn.Module | None = None, **kw) -> Trainer:
     cfg = Config(data=DataConfig(batch_size=8), recipe="toy")
     cfg.optim.name = "sgd"
     cfg.optim.lr = 0.05
@@ -65,14 +83,28 @@ def make_trainer(overrides: list[str], data: ToyData | None = None, **kw) -> Tra
     cfg.trainer.monitor = "val/loss"
     apply_overrides(cfg, overrides)
     data = data or ToyData()
-    return Trainer(toy_model(), masked_mse, data, kw.pop("val_data", ToyData(32, seed=1)), config=cfg,
+    return Trainer(model or toy_model(), masked_mse, data, kw.pop("val_data", ToyData(32, seed=1)), config=cfg,
                    forward_fn=toy_forward, **kw)
+
+
+def split_toy_flags(argv: list[str]) -> tuple[dict[str, float], list[str]]:
+    """--toy-NAME=VALUE flags (augment, dropout, delay, buffer_mb, n) vs trainer overrides."""
+    flags, rest = {}, []
+    for a in argv:
+        if a.startswith("--toy-"):
+            k, v = a[len("--toy-"):].split("=", 1)
+            flags[k.replace("-", "_")] = float(v)
+        else:
+            rest.append(a)
+    return flags, rest
 
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
-    data = ToyData()
-    trainer = make_trainer(sys.argv[2:], data)
+    flags, overrides = split_toy_flags(sys.argv[2:])
+    data = ToyData(int(flags.get("n", 96)), augment=bool(flags.get("augment", 0)), delay=flags.get("delay", 0.0))
+    model = toy_model(dropout=flags.get("dropout", 0.0), buffer_mb=int(flags.get("buffer_mb", 0)))
+    trainer = make_trainer(overrides, data, model)
     seen_by_epoch: dict[int, list[int]] = {}
 
     from trainlib.callbacks import Callback

@@ -43,7 +43,7 @@ class ShardSampler(Sampler[int]):
     def indices(self) -> list[int]:
         if self.shuffle:
             g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
+            g.manual_seed(batch_seed(self.seed, -1, self.epoch, -1))  # same on every rank
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
@@ -62,6 +62,78 @@ class ShardSampler(Sampler[int]):
         return max(0, len(self.indices()) - self.start)
 
 
+class SeededBatch(list):
+    """A batch of indices that carries the seed its samples are drawn with."""
+
+    def __init__(self, indices: list[int], seed: int) -> None:
+        super().__init__(indices)
+        self.seed = seed
+
+
+def batch_seed(seed: int, rank: int, epoch: int, batch: int) -> int:
+    """A stable 63-bit seed for one batch (the same in every process and every run)."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}/{rank}/{epoch}/{batch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SeededBatchSampler(Sampler[SeededBatch]):
+    """Batches of a ShardSampler, each tagged with batch_seed(seed, rank, epoch, batch index).
+
+    With `SeededDataset` this makes every random draw inside `__getitem__` (augmentation, random
+    crops, noise) a function of the batch's identity, not of which worker fetched it or how many
+    batches came before: a run resumed in the middle of an epoch draws exactly what the
+    uninterrupted run drew, with any num_workers.
+    """
+
+    def __init__(self, sampler: ShardSampler, batch_size: int, drop_last: bool) -> None:
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+
+    def __iter__(self) -> Iterator[SeededBatch]:
+        s, bs = self.sampler, self.batch_size
+        idx = list(s)
+        first = s.start // bs
+        for b, lo in enumerate(range(0, len(idx), bs)):
+            chunk = idx[lo : lo + bs]
+            if len(chunk) < bs and self.drop_last:
+                return
+            yield SeededBatch(chunk, batch_seed(s.seed, s.rank, s.epoch, first + b))
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+class SeededDataset(Dataset):
+    """Fetches a SeededBatch with python, numpy and torch seeded from the batch's seed, then puts
+    the caller's RNG states back (so fetching in the main process does not disturb dropout)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        seed = getattr(indices, "seed", None)
+        if seed is None:
+            return [self.dataset[i] for i in indices]
+        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        try:
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            return [self.dataset[i] for i in indices]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
 def _seed_worker(worker_id: int) -> None:
     # torch seeds each worker with the loader's base seed + worker id; derive numpy/random from it.
     s = torch.initial_seed() % 2**32
@@ -70,12 +142,17 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def build_loader(dataset: Dataset, *, batch_size: int, sampler: ShardSampler, collate_fn: Callable | None,
-                 num_workers: int, pin_memory: bool, drop_last: bool, generator: torch.Generator | None = None) -> DataLoader:
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
-        pin_memory=pin_memory, drop_last=drop_last, worker_init_fn=_seed_worker if num_workers else None,
-        generator=generator, persistent_workers=False,
-    )
+                 num_workers: int, pin_memory: bool, drop_last: bool, seeded: bool = False) -> DataLoader:
+    """`seeded=True` (training): per-batch seeded fetching, exact on resume (SeededBatchSampler)."""
+    common = dict(collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin_memory,
+                  worker_init_fn=_seed_worker if num_workers else None, persistent_workers=False)
+    if seeded:
+        # Its own generator: creating the iterator (mid-epoch after a resume) must not draw from
+        # the global torch RNG that dropout uses.
+        gen = torch.Generator().manual_seed(batch_seed(sampler.seed, sampler.rank, -1, -1))
+        return DataLoader(SeededDataset(dataset), batch_sampler=SeededBatchSampler(sampler, batch_size, drop_last),
+                          generator=gen, **common)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **common)
 
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:

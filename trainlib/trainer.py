@@ -136,9 +136,8 @@ class Trainer:
         if train_data is not None:
             self.train_sampler = ShardSampler(len(train_data), self.env.rank, self.env.world_size, shuffle=True,
                                               seed=self.tc.seed, pad=True, drop_last=cfg.data.drop_last)
-            self.loader_gen = torch.Generator()
             self.loaders["train"] = self._loader(train_data, cfg.data.batch_size, self.train_sampler,
-                                                 cfg.data.drop_last, self.loader_gen)
+                                                 cfg.data.drop_last, seeded=True)
             if len(self.loaders["train"]) == 0:
                 raise ConfigError(f"the train split has {len(train_data)} samples: not enough for one batch of "
                                   f"data.batch_size={cfg.data.batch_size} on {self.env.world_size} process(es)")
@@ -170,16 +169,18 @@ class Trainer:
         self.should_stop = False
         self.stop_reason = ""
         self.epoch_train_metrics: dict[str, float] = {}
+        self.acc: dict | None = None  # running sums of the current epoch (see _train_epoch)
+        self.rows_logged = 0          # rows sent to the loggers; a resume truncates metrics.jsonl to it
         self.callbacks: list[Callback] = list(callbacks)
         self.run_dir: Path = Path(self.tc.out_dir)
         self.loggers: list[Logger] = []
 
     # ------------------------------------------------------------------------------------------
-    def _loader(self, ds: Any, batch_size: int, sampler: ShardSampler, drop_last: bool, gen: torch.Generator | None = None):
+    def _loader(self, ds: Any, batch_size: int, sampler: ShardSampler, drop_last: bool, seeded: bool = False):
         return build_loader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.collate_fn,
                             num_workers=self.cfg.data.num_workers,
                             pin_memory=self.cfg.data.pin_memory and self.device.type == "cuda",
-                            drop_last=drop_last, generator=gen)
+                            drop_last=drop_last, seeded=seeded)
 
     def _train_batches_per_epoch(self) -> int:
         n = len(self.loaders["train"])
@@ -197,6 +198,7 @@ class Trainer:
             getattr(cb, event)(self, *args)
 
     def _log_row(self, row: dict) -> None:
+        self.rows_logged += 1
         if self.is_main:
             for lg in self.loggers:
                 lg.log(row)
@@ -226,13 +228,19 @@ class Trainer:
                                f"trainer.resume=auto, start over with trainer.overwrite=true, or pick another trainer.run_name")
             if not problem:
                 (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+                for stale in [*self.run_dir.glob(".*.tmp-*"), *(self.run_dir / "checkpoints").glob(".*.tmp-*")]:
+                    stale.unlink(missing_ok=True)  # half-written files of a process that died mid-write
         problem = dist.broadcast_object(problem)
         if problem:
             raise ConfigError(problem)
         setup_text_log(self.run_dir, self.is_main)
         if self.is_main:
             checkpoint.atomic_write_bytes(self.run_dir / "config.yaml", dump_yaml(self.cfg).encode())
-            self.loggers = build_loggers(self.cfg.log, run_name)
+
+    def _start_loggers(self) -> None:
+        """After a resume has cut metrics.jsonl back to the checkpoint's rows."""
+        if self.is_main:
+            self.loggers = build_loggers(self.cfg.log, self.run_dir.name)
             for lg in self.loggers:
                 lg.start(self.run_dir, to_dict(self.cfg))
 
@@ -277,6 +285,8 @@ class Trainer:
             "global_step": self.global_step,
             "batch_in_epoch": self.batch_in_epoch,
             "epoch_done": epoch_done,
+            "accumulators": None if epoch_done or self.acc is None else _to_cpu(self.acc),
+            "rows_logged": self.rows_logged,
             "sampler_seed": self.tc.seed,
             "world_size": self.env.world_size,
             "rng": rngs,
@@ -306,6 +316,12 @@ class Trainer:
             self.epoch, self.batch_in_epoch = state["epoch"] + 1, 0
         else:
             self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+            acc = state["accumulators"]
+            self.acc = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else
+                            {n: t.to(self.device) for n, t in v.items()}) for k, v in acc.items()}
+        self.rows_logged = state["rows_logged"]
+        if self.is_main:
+            _truncate_lines(self.run_dir / "metrics.jsonl", self.rows_logged)
         rngs = state["rng"]
         if len(rngs) == self.env.world_size:
             dist.set_rng_state(rngs[self.env.rank])
@@ -335,6 +351,7 @@ class Trainer:
         elif tc.ckpt_path:
             self.load_checkpoint(tc.ckpt_path, weights_only=True)
             log.info(f"initialised weights from {tc.ckpt_path}")
+        self._start_loggers()
         log.info(f"run directory: {self.run_dir}  ({self.env.world_size} process(es), device {self.device.type}, "
                  f"precision {tc.precision}, {self.steps_per_epoch} steps/epoch)")
 
@@ -383,7 +400,6 @@ class Trainer:
     def _train_epoch(self, t_start: float) -> None:
         tc, k = self.tc, self.tc.accumulate_grad_batches
         self.train_sampler.set_epoch(self.epoch)            # always: a new shuffle every epoch
-        self.loader_gen.manual_seed(hash((self.tc.seed, self.env.rank, self.epoch)) % 2**62)
         start = self.batch_in_epoch
         self.train_sampler.skip(start * self.cfg.data.batch_size)  # resume: skip consumed samples, no replay
         n = self.train_batches
@@ -394,18 +410,17 @@ class Trainer:
             self.console.advance(start)
 
         dev = self.device
-        epoch_sum = torch.zeros((), device=dev, dtype=torch.float64)
-        epoch_w = torch.zeros((), device=dev, dtype=torch.float64)
+        if start == 0 or self.acc is None:
+            self.acc = self._fresh_accumulators()
+        acc = self.acc  # device-side running sums; checkpointed, so a resumed epoch logs the same rows
+        epoch_sum, epoch_w, log_sum, log_w = acc["epoch_sum"], acc["epoch_w"], acc["log_sum"], acc["log_w"]
+        nonfinite, parts_sum = acc["nonfinite"], acc["parts"]
         win_sum = torch.zeros((), device=dev)
         win_w = torch.zeros((), device=dev)
-        log_sum = torch.zeros((), device=dev, dtype=torch.float64)
-        log_w = torch.zeros((), device=dev, dtype=torch.float64)
-        nonfinite = torch.zeros((), device=dev, dtype=torch.bool)
-        parts_sum: dict[str, torch.Tensor] = {}
         t_log, steps_since_log = time.time(), 0
 
         i = start
-        for batch in DevicePrefetcher(self.loaders["train"], dev):
+        for batch in DevicePrefetcher(self.loaders["train"], dev) if start < n else ():
             if i >= n:
                 break
             batch = self.precision.cast_batch(to_device(batch, dev))
@@ -422,7 +437,7 @@ class Trainer:
                 win_w += weight
                 nonfinite |= ~torch.isfinite(contrib)
                 for name, v in parts.items():
-                    parts_sum[name] = parts_sum.get(name, 0) + v.detach().float() * weight
+                    parts_sum[name] = parts_sum.get(name, 0) + v.detach().double() * weight
             i += 1
             if self.console:
                 self.console.advance()
@@ -455,7 +470,7 @@ class Trainer:
                 row["steps_per_s"] = steps_since_log / max(elapsed, 1e-9)
                 self._emit("on_train_log", row)
                 self._log_row(row)
-                log_sum.zero_(), log_w.zero_(), parts_sum.clear()
+                log_sum.zero_(), log_w.zero_(), nonfinite.zero_(), parts_sum.clear()
                 t_log, steps_since_log = time.time(), 0
                 if vals[2] > 0 and tc.stop_on_nonfinite:
                     self.request_stop(f"non-finite training loss at step {self.global_step}")
@@ -472,6 +487,10 @@ class Trainer:
             torch_dist.all_reduce(stats)
         s, w = stats.tolist()  # host sync (epoch end)
         self.epoch_train_metrics = {"train/loss": s / w if w > 0 else math.nan}
+
+    def _fresh_accumulators(self) -> dict:
+        z = lambda dtype=torch.float64: torch.zeros((), device=self.device, dtype=dtype)  # noqa: E731
+        return {"epoch_sum": z(), "epoch_w": z(), "log_sum": z(), "log_w": z(), "nonfinite": z(torch.bool), "parts": {}}
 
     def _unpack_loss(self, out: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
         if isinstance(out, dict):
@@ -543,6 +562,7 @@ class Trainer:
             raise ConfigError("test needs a test or val split")
         if not self.loggers:
             self._prepare_run_dir(fresh_ok=True)
+            self._start_loggers()
         if ckpt_path:
             self.load_checkpoint(ckpt_path, weights_only=True)
             log.info(f"loaded weights from {ckpt_path}")
@@ -569,3 +589,18 @@ class Trainer:
         for lg in self.loggers:
             lg.close()
         self.loggers = []
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    return {k: _to_cpu(v) for k, v in obj.items()}
+
+
+def _truncate_lines(path: Path, n: int) -> None:
+    """Keep the first n lines (rows logged after the checkpoint, by a run that then died, go)."""
+    if not path.is_file():
+        return
+    lines = path.read_bytes().splitlines(keepends=True)
+    if len(lines) != n:
+        checkpoint.atomic_write_bytes(path, b"".join(lines[:n]))
