@@ -122,3 +122,43 @@ def test_help_lists_every_key():
                 "model.input_channels", "model.num_classes", "data.root", "data.annotations", "data.mode",
                 "optim.scheduler", "log.loggers"):
         assert key in r.stdout
+
+
+def test_load_model_rebuilds_the_trained_recipe_model_for_inference(tmp_path):
+    import torch
+
+    import trainlib
+    from recipes.pdan import collate
+
+    assert main(recipe, [f"trainer.out_dir={tmp_path}", "trainer.run_name=m", "data.batch_size=16",
+                         "model.num_stages=2", *SMALL, "trainer.max_epochs=1"]) == 0
+    run = tmp_path / "m"
+    from_dir = trainlib.load_model(run)
+    from_ckpt = trainlib.load_model(run / "checkpoints" / "best.ckpt")
+    assert not from_dir.training and len(from_dir.stages) == 1  # num_stages=2 rebuilt from the saved config
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["model"]
+    for k, v in from_dir.state_dict().items():
+        assert torch.equal(v, best[k]) and torch.equal(v, from_ckpt.state_dict()[k])
+    g = torch.Generator().manual_seed(0)
+    item = {"features": torch.randn(20, 1024, generator=g), "labels": torch.zeros(20, 10),
+            "loc25_index": torch.zeros(25, dtype=torch.long), "loc25_labels": torch.zeros(25, 10), "video_id": "x"}
+    batch = collate([item])
+    with torch.no_grad():
+        assert torch.equal(from_dir(batch["features"], batch["mask"]), from_ckpt(batch["features"], batch["mask"]))
+
+
+def test_load_model_of_a_notebook_run_fills_the_given_module(tmp_path):
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    import trainlib
+
+    x = torch.randn(16, 3)
+    t = trainlib.Trainer(nn.Linear(3, 1), lambda o, b: ((o - b[1]) ** 2).mean(), TensorDataset(x, x[:, :1]),
+                         config=trainlib.TrainerConfig(max_epochs=1, out_dir=str(tmp_path), run_name="plain"))
+    t.fit()
+    restored = trainlib.load_model(tmp_path / "plain", model=nn.Linear(3, 1))
+    assert torch.equal(restored.weight, t.model.weight) and not restored.training
+    with pytest.raises(trainlib.ConfigError, match="names no recipe; pass the module to fill"):
+        trainlib.load_model(tmp_path / "plain")

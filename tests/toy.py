@@ -6,6 +6,7 @@ writes OUT_DIR/weights.pt (rank 0) and OUT_DIR/seen_rank<r>.json (sample ids per
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -114,10 +115,32 @@ if __name__ == "__main__":
             seen_by_epoch[t.epoch] = list(data.seen)
             data.seen.clear()
 
-    trainer.callbacks.append(Record())
-    trainer.fit()
-    rank = trainer.env.rank
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"seen_rank{rank}.json").write_text(json.dumps(seen_by_epoch))
-    if rank == 0:
-        torch.save(trainer.model.state_dict(), out / "weights.pt")
+    class Fault(Callback):
+        """--toy-fail_step=N [--toy-fail_rank=R]: rank R raises at step N;
+        --toy-die_once=1: instead it dies (os._exit) the first time, leaving a marker file."""
+
+        def on_train_step_end(self, t):
+            if t.global_step != int(flags.get("fail_step", -1)) or t.env.rank != int(flags.get("fail_rank", 0)):
+                return
+            if flags.get("die_once"):
+                marker = out / "died_once"
+                if not marker.exists():
+                    out.mkdir(parents=True, exist_ok=True)
+                    marker.write_text("x")
+                    os._exit(3)
+                return
+            raise RuntimeError(f"injected failure on rank {t.env.rank} at step {t.global_step}")
+
+    trainer.callbacks += [Record(), Fault()]
+
+    def body():
+        trainer.fit()
+        rank = trainer.env.rank
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"seen_rank{rank}.json").write_text(json.dumps(seen_by_epoch))
+        if rank == 0:
+            torch.save(trainer.model.state_dict(), out / "weights.pt")
+
+    from trainlib.recipe import guarded
+
+    sys.exit(guarded(body))

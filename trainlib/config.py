@@ -84,7 +84,7 @@ class TrainerConfig:
     mode: Literal["min", "max"] = opt("min", "whether the monitored metric should go down (min) or up (max)")
     early_stop_patience: int = opt(0, "stop after this many validations without improvement (0: off)")
     early_stop_min_delta: float = opt(0.0, "smallest change of the monitored metric that counts as improvement")
-    stop_on_nonfinite: bool = opt(True, "stop the run when the loss or the monitored metric is NaN/inf")
+    nonfinite: Literal["stop", "skip"] = opt("stop", "a NaN/inf loss: its update is never applied; stop: end the run at the next logging step, skip: go on")
     export: bool = opt(True, "write model.safetensors (+ its config) to the run directory at the end of fit")
 
 

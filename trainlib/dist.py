@@ -59,6 +59,13 @@ def init(device: torch.device, timeout_s: float) -> DistEnv:
         kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
         if device.type == "cuda":
             kwargs["device_id"] = device
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart not in (None, "0"):
+            # An elastic restart: keep this attempt's keys apart from those the dead attempt left in
+            # the store (seen here: the new group otherwise reads stale peer addresses and hangs).
+            store, r, w = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size,
+                                               timeout=kwargs["timeout"]))
+            kwargs.update(store=dist.PrefixStore(f"trainlib/attempt_{restart}", store), rank=r, world_size=w)
         dist.init_process_group(**kwargs)
     return env
 

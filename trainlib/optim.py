@@ -20,12 +20,17 @@ def build_optimizer(params: Iterable[Any], cfg: OptimConfig) -> torch.optim.Opti
     if not params:
         raise ConfigError("the model has no trainable parameters (all frozen?)")
     if cfg.name in ("adam", "adamw"):
-        return (torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam)(
-            params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
-    raise ConfigError(f"optim.name: unknown optimizer {cfg.name!r}; expected adamw, adam or sgd")
+        cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+        kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    elif cfg.name == "sgd":
+        cls = torch.optim.SGD
+        kw = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    else:
+        raise ConfigError(f"optim.name: unknown optimizer {cfg.name!r}; expected adamw, adam or sgd")
+    try:  # fused: one kernel per step, and a device-side skip of non-finite steps (trainer.nonfinite)
+        return cls(params, fused=True, **kw)
+    except (RuntimeError, ValueError, TypeError):  # device or dtype without a fused kernel
+        return cls(params, **kw)
 
 
 def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:

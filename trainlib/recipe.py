@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import dist
+from .preemption import Preempted
 from .config import (Config, ConfigError, DataConfig, DataError, UserError, help_text, load_yaml, set_value,
                      to_dict)
 
@@ -217,22 +218,61 @@ def run(recipe: Recipe, cfg: Config, demo: bool = False) -> dict[str, float]:
     return result
 
 
-def main(recipe: Recipe, argv: list[str] | None = None) -> int:
-    """Entry point of `python -m recipes.<name>`: clear one-line errors, exit code 2 on bad input."""
-    argv = sys.argv[1:] if argv is None else argv
+def guarded(body: Callable[[], Any]) -> int:
+    """Run `body` with trainlib's exit policy and return the process exit code.
+
+    bad input (UserError)      one line `error: ...`, exit 2, nothing written is touched
+    SIGTERM / SIGINT           last.ckpt saved by the trainer, exit 143 / 130 (Preempted)
+    any other exception        under torchrun: `[rank r] failed: ...` then the traceback (exit 1), so
+                               torchrun's summary and the log both name the failing rank; a rank whose
+                               collective broke because a peer died says so in one line (exit 1)
+    """
+    def say(text: str) -> None:
+        prefix = f"[rank {dist.rank()}] " if dist.world_size() > 1 else ""
+        print(prefix + text, file=sys.stderr, flush=True)
+
     try:
+        body()
+        dist.barrier()  # leave together: a gloo peer torn down while the other still talks aborts the process
+        return 0
+    except UserError as e:
+        say(f"error: {e}")
+        return 2
+    except Preempted as e:
+        say(str(e))
+        return e.exit_code
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    except Exception as e:
+        if dist.world_size() > 1:
+            if _peer_failure(e):
+                say("stopped: a collective failed, most likely because another rank died (its error is reported "
+                    f"above or by torchrun): {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                return 1
+            say(f"failed: {type(e).__name__}: {e}")
+        raise
+    finally:
+        dist.shutdown()
+
+
+def _peer_failure(e: BaseException) -> bool:
+    import torch.distributed as torch_dist
+
+    text = str(e)
+    return isinstance(e, getattr(torch_dist, "DistError", ())) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL", "Broken pipe"))
+
+
+def main(recipe: Recipe, argv: list[str] | None = None) -> int:
+    """Entry point of `python -m recipes.<name>` (see `guarded` for the exit codes)."""
+    argv = sys.argv[1:] if argv is None else argv
+
+    def body() -> None:
         cfg, want_help, demo = build_config(recipe, argv)
         if want_help:
             print(USAGE.format(name=recipe.name, description=recipe.description) + help_text(cfg))
-            return 0
+            return
         run(recipe, cfg, demo)
-        return 0
-    except UserError as e:
-        prefix = f"[rank {dist.rank()}] " if dist.world_size() > 1 else ""
-        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        return 130
-    finally:
-        dist.shutdown()
+
+    return guarded(body)

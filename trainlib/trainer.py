@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -34,6 +35,7 @@ from .loggers import ConsoleLogger, Logger, build_loggers, log, setup_text_log
 from .metrics import MeanMetric, Metric
 from .optim import LRSchedule, build_optimizer, trainable_params
 from .precision import Precision
+from .preemption import Preempted, SignalFlag
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
@@ -91,7 +93,7 @@ class Trainer:
             cfg = config
         else:
             cfg = Config(trainer=config or TrainerConfig(), optim=optim or OptimConfig(),
-                         data=data or DataConfig(), log=log_config or LogConfig(), recipe=name)
+                         data=data or DataConfig(), log=log_config or LogConfig())
         self.cfg, self.tc = cfg, cfg.trainer
         self.name = cfg.recipe or name
         self.loss_fn, self.forward_fn = loss_fn, forward_fn or default_forward
@@ -151,6 +153,8 @@ class Trainer:
 
         # --- optimizer, schedule, scaler -----------------------------------------------------------
         self.optimizer = build_optimizer(param_groups or trainable_params(self.model), cfg.optim)
+        # Fused optimizers take a device-side found_inf flag: a non-finite step is skipped with no host sync.
+        self.device_skip = bool(self.optimizer.defaults.get("fused"))
         self.train_batches = self._train_batches_per_epoch() if train_data is not None else 0
         self.steps_per_epoch = math.ceil(self.train_batches / self.tc.accumulate_grad_batches)
         epochs = 1 if self.fast_dev_run else self.tc.max_epochs
@@ -171,6 +175,8 @@ class Trainer:
         self.epoch_train_metrics: dict[str, float] = {}
         self.acc: dict | None = None  # running sums of the current epoch (see _train_epoch)
         self.rows_logged = 0          # rows sent to the loggers; a resume truncates metrics.jsonl to it
+        self.signals = SignalFlag()
+        self.preempt_signal = 0
         self.callbacks: list[Callback] = list(callbacks)
         self.run_dir: Path = Path(self.tc.out_dir)
         self.loggers: list[Logger] = []
@@ -218,7 +224,9 @@ class Trainer:
         if self.is_main:
             occupied = (self.run_dir / "metrics.jsonl").exists() or (self.run_dir / "checkpoints").exists()
             if occupied and not fresh_ok:
-                if tc.overwrite:
+                # resume=auto without a checkpoint to resume (e.g. an elastic restart of a run that died
+                # before its first checkpoint): nothing can be continued, so the run starts over.
+                if tc.overwrite or tc.resume == "auto":
                     for p in ("metrics.jsonl", "history.json", "train.log", "model.safetensors", "tb"):
                         q = self.run_dir / p
                         shutil.rmtree(q) if q.is_dir() else q.unlink(missing_ok=True)
@@ -248,9 +256,8 @@ class Trainer:
         tc = self.tc
         have = {type(cb) for cb in self.callbacks}
         builtin: list[Callback] = [LRMonitor(), History()]
-        if tc.early_stop_patience > 0 or tc.stop_on_nonfinite:
-            builtin.append(EarlyStopping(tc.monitor, tc.mode, tc.early_stop_patience, tc.early_stop_min_delta,
-                                         check_finite=tc.stop_on_nonfinite))
+        builtin.append(EarlyStopping(tc.monitor, tc.mode, tc.early_stop_patience, tc.early_stop_min_delta,
+                                     check_finite=True))
         if not self.fast_dev_run:
             builtin.append(ModelCheckpoint(tc.monitor, tc.mode, tc.save_top_k, tc.save_last, tc.ckpt_every_n_steps))
         self.callbacks = [cb for cb in builtin if type(cb) not in have] + self.callbacks
@@ -274,6 +281,8 @@ class Trainer:
     def state_dict(self, epoch_done: bool) -> dict:
         """Everything a resume needs. RNG states of every rank are gathered (a collective)."""
         rngs = dist.all_gather_object(dist.rng_state())
+        # each rank's running sums of the unfinished epoch (they differ per rank until reduced)
+        accs = dist.all_gather_object(None if epoch_done or self.acc is None else _to_cpu(self.acc))
         return {
             "format": checkpoint.FORMAT,
             "version": __version__,
@@ -285,7 +294,7 @@ class Trainer:
             "global_step": self.global_step,
             "batch_in_epoch": self.batch_in_epoch,
             "epoch_done": epoch_done,
-            "accumulators": None if epoch_done or self.acc is None else _to_cpu(self.acc),
+            "accumulators": accs,
             "rows_logged": self.rows_logged,
             "sampler_seed": self.tc.seed,
             "world_size": self.env.world_size,
@@ -295,7 +304,11 @@ class Trainer:
         }
 
     def save_checkpoint(self, path: str | os.PathLike, epoch_done: bool | None = None) -> None:
-        """Every rank calls this (RNG gather); rank 0 writes atomically."""
+        """Every rank calls this (RNG gather); rank 0 writes atomically. Never writes NaN/inf weights."""
+        finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
+        if not bool(finite):  # host sync: checkpoint time only
+            log.error(f"not writing {path}: the model has non-finite weights (keeping the previous checkpoint)")
+            return
         state = self.state_dict(self.epoch_done if epoch_done is None else epoch_done)
         if self.is_main:
             checkpoint.atomic_save(state, path)
@@ -316,9 +329,11 @@ class Trainer:
             self.epoch, self.batch_in_epoch = state["epoch"] + 1, 0
         else:
             self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
-            acc = state["accumulators"]
-            self.acc = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else
-                            {n: t.to(self.device) for n, t in v.items()}) for k, v in acc.items()}
+            accs = state["accumulators"]
+            if len(accs) == self.env.world_size and accs[self.env.rank] is not None:
+                acc = accs[self.env.rank]
+                self.acc = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else
+                                {n: t.to(self.device) for n, t in v.items()}) for k, v in acc.items()}
         self.rows_logged = state["rows_logged"]
         if self.is_main:
             _truncate_lines(self.run_dir / "metrics.jsonl", self.rows_logged)
@@ -359,12 +374,17 @@ class Trainer:
         last_val: dict[str, float] = {}
         max_epochs = 1 if self.fast_dev_run else tc.max_epochs
         self._emit("on_fit_start")
+        self.signals.install()
         try:
             while self.epoch < max_epochs and not self.should_stop:
                 if 0 < tc.max_steps <= self.global_step:
                     break
                 self.epoch_done = False
                 self._train_epoch(t_start)
+                if self.preempt_signal:
+                    last = self.run_dir / "checkpoints" / "last.ckpt"
+                    self.save_checkpoint(last)  # mid-epoch state: resume continues at the next batch
+                    raise Preempted(self.preempt_signal, str(last))
                 self.epoch_done = True
                 every = tc.check_val_every_n_epoch
                 if "val" in self.loaders and every > 0 and ((self.epoch + 1) % every == 0 or self._last_epoch(max_epochs)):
@@ -385,6 +405,7 @@ class Trainer:
             if tc.export and not self.fast_dev_run:
                 self.export()
         finally:
+            self.signals.restore()
             self.close()
         return last_val
 
@@ -417,6 +438,7 @@ class Trainer:
         nonfinite, parts_sum = acc["nonfinite"], acc["parts"]
         win_sum = torch.zeros((), device=dev)
         win_w = torch.zeros((), device=dev)
+        win_bad = torch.zeros((), device=dev)
         t_log, steps_since_log = time.time(), 0
 
         i = start
@@ -435,7 +457,7 @@ class Trainer:
                 contrib = loss.detach().float() * weight
                 win_sum += contrib
                 win_w += weight
-                nonfinite |= ~torch.isfinite(contrib)
+                win_bad += (~torch.isfinite(contrib)).float()
                 for name, v in parts.items():
                     parts_sum[name] = parts_sum.get(name, 0) + v.detach().double() * weight
             i += 1
@@ -444,21 +466,24 @@ class Trainer:
             if not last_micro:
                 continue
 
-            self._optimizer_step(win_w)
-            epoch_sum += win_sum
-            epoch_w += win_w
-            log_sum += win_sum
-            log_w += win_w
+            bad = self._optimizer_step(win_w, win_bad)  # 1.0 when the step was skipped (non-finite)
+            good = 1.0 - bad
+            nonfinite += bad
+            epoch_sum += torch.nan_to_num(win_sum * good).double()  # skipped steps leave the averages alone
+            epoch_w += (win_w * good).double()
+            log_sum += torch.nan_to_num(win_sum * good).double()
+            log_w += (win_w * good).double()
             win_sum.zero_()
             win_w.zero_()
+            win_bad.zero_()
             self.global_step += 1
             self.batch_in_epoch = i
             steps_since_log += 1
 
             if self.global_step % self.cfg.log.every_n_steps == 0 or i == n:
                 # Logging step: the only host syncs of the loop (.item(), cross-rank reduce).
-                stats = torch.stack([log_sum, log_w, nonfinite.double()] +
-                                    [parts_sum[p].double() for p in sorted(parts_sum)])
+                stats = torch.stack([log_sum, log_w, nonfinite, torch.tensor(float(self.signals.signum), device=dev)
+                                     .double()] + [parts_sum[p].double() for p in sorted(parts_sum)])
                 if self.env.distributed:
                     torch_dist.all_reduce(stats)
                 vals = stats.tolist()  # host sync (logging step)
@@ -466,18 +491,27 @@ class Trainer:
                 row = {"step": self.global_step, "epoch": self.epoch, "split": "train",
                        "loss": vals[0] / max(vals[1], 1e-12)}
                 for j, p in enumerate(sorted(parts_sum)):
-                    row[p] = vals[3 + j] / max(vals[1], 1e-12)
+                    row[p] = vals[4 + j] / max(vals[1], 1e-12)
+                if vals[2] > 0:
+                    row["skipped_steps"] = int(vals[2] / max(1, self.env.world_size))
                 row["steps_per_s"] = steps_since_log / max(elapsed, 1e-9)
                 self._emit("on_train_log", row)
                 self._log_row(row)
                 log_sum.zero_(), log_w.zero_(), nonfinite.zero_(), parts_sum.clear()
                 t_log, steps_since_log = time.time(), 0
-                if vals[2] > 0 and tc.stop_on_nonfinite:
-                    self.request_stop(f"non-finite training loss at step {self.global_step}")
+                if vals[2] > 0 and tc.nonfinite == "stop":
+                    self.request_stop(f"non-finite training loss at step {self.global_step} (its update was "
+                                      f"not applied; trainer.nonfinite=skip goes on instead)")
+                if vals[3] > 0:  # a rank got SIGTERM/SIGINT: every rank stops here, at the same step
+                    self.preempt_signal = self.signals.signum or signal.SIGTERM
                 if math.isfinite(self.max_seconds):
                     over = dist.any_true(time.time() - t_start >= self.max_seconds, dev)  # host sync (logging step)
                     if over:
                         self.request_stop(f"trainer.max_time={tc.max_time} reached")
+            if not self.env.distributed and self.signals.signum:  # one process: no agreement needed
+                self.preempt_signal = self.signals.signum
+            if self.preempt_signal:
+                break
             self._emit("on_train_step_end")
             if self.should_stop or 0 < tc.max_steps <= self.global_step:
                 break
@@ -490,7 +524,7 @@ class Trainer:
 
     def _fresh_accumulators(self) -> dict:
         z = lambda dtype=torch.float64: torch.zeros((), device=self.device, dtype=dtype)  # noqa: E731
-        return {"epoch_sum": z(), "epoch_w": z(), "log_sum": z(), "log_w": z(), "nonfinite": z(torch.bool), "parts": {}}
+        return {"epoch_sum": z(), "epoch_w": z(), "log_sum": z(), "log_w": z(), "nonfinite": z(), "parts": {}}
 
     def _unpack_loss(self, out: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
         if isinstance(out, dict):
@@ -506,22 +540,30 @@ class Trainer:
         weight = torch.as_tensor(weight, dtype=torch.float32, device=loss.device)
         return loss, weight, parts
 
-    def _optimizer_step(self, window_weight: torch.Tensor) -> None:
-        """Normalise by the global weight, unscale, clip, step. No host sync (except fp16's scaler)."""
-        total = window_weight.clone()
+    def _optimizer_step(self, window_weight: torch.Tensor, window_bad: torch.Tensor) -> torch.Tensor:
+        """Normalise by the global weight, unscale, clip, step; returns 1.0 (device) if the step was
+        skipped for a non-finite loss or gradient. No host sync (fp16's scaler with a non-fused
+        optimizer excepted)."""
+        stats = torch.stack([window_weight, window_bad])
         if self.env.distributed:
-            torch_dist.all_reduce(total)  # device-side; DDP already averaged grads over ranks
+            torch_dist.all_reduce(stats)  # device-side; DDP already averaged grads over ranks
+        total, bad = stats[0], (stats[1] > 0).float()
         self.scaler.unscale_(self.optimizer)
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
         if grads:
             scale = (self.env.world_size / total.clamp_min(1e-12)).to(grads[0].dtype)
             torch._foreach_mul_(grads, scale)
         if self.tc.grad_clip > 0:
-            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.tc.grad_clip)
+            norm = nn.utils.clip_grad_norm_(params, self.tc.grad_clip)
+            bad = torch.maximum(bad, (~torch.isfinite(norm)).float())
+        if self.device_skip and not self.scaler.is_enabled():
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, bad  # fused step: skipped on device
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
+        return bad
 
     # ---------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -573,13 +615,13 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- export/close
     def export(self) -> Path | None:
-        """model.safetensors (+ config) in the run directory: best checkpoint's weights if any, else final."""
-        best = self.run_dir / "checkpoints" / "best.ckpt"
-        state, source = self.model.state_dict(), "final"
-        if best.is_file():
-            dist.barrier()
-            state, source = checkpoint.load(best)["model"], "best"
+        """model.safetensors (+ config) in the run directory: best checkpoint's weights if any, else final.
+        Rank 0 only (it wrote best.ckpt itself), so no collective is needed."""
         if self.is_main:
+            best = self.run_dir / "checkpoints" / "best.ckpt"
+            state, source = self.model.state_dict(), "final"
+            if best.is_file():
+                state, source = checkpoint.load(best)["model"], "best"
             meta = {"format": "trainlib", "recipe": self.name, "weights": source, "config": dump_yaml(self.cfg)}
             checkpoint.export_safetensors(state, self.run_dir / "model.safetensors", meta)
             log.info(f"exported {source} weights to {self.run_dir / 'model.safetensors'}")

@@ -1,0 +1,63 @@
+"""Rebuild a trained model for inference, without a Trainer, a process group or the training data.
+
+    model = trainlib.load_model("runs/pdan_20261123_101500")          # run directory
+    model = trainlib.load_model("runs/.../model.safetensors")        # exported weights
+    model = trainlib.load_model("runs/.../checkpoints/best.ckpt")    # any checkpoint
+    model = trainlib.load_model(path, model=MyNet())                  # a plain module (notebook runs)
+
+The config saved with the weights names the recipe and its `model`/`data` sections, so the
+recipe's `build_model` rebuilds the exact architecture. The model comes back in eval mode on CPU.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from . import checkpoint
+from .config import Config, ConfigError, apply_dict
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise checkpoint.CheckpointError(f"nothing to load at {path} (expected a run directory, "
+                                         f"a model.safetensors or a .ckpt file)")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        config = yaml.safe_load(meta.get("config", "")) or {}
+        return load_file(str(path)), config
+    state = checkpoint.load(path)
+    return state["model"], state.get("config", {})
+
+
+def load_model(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Weights from `path` in the recipe's model (rebuilt from the saved config) or in `model`."""
+    weights, config = _read(Path(path))
+    if model is None:
+        name = config.get("recipe", "")
+        if not name:
+            raise ConfigError(f"{path} names no recipe; pass the module to fill: load_model(path, model=MyNet())")
+        try:
+            recipe = importlib.import_module(f"recipes.{name}").recipe
+        except ModuleNotFoundError:
+            raise ConfigError(f"{path} was trained by recipe {name!r}, which is not installed here") from None
+        cfg = Config(model=recipe.model_config(), data=recipe.data_config(), recipe=name)
+        apply_dict(cfg, {k: v for k, v in config.items() if k in ("model", "data")}, str(path))
+        model = recipe.build_model(cfg)
+    checkpoint.load_model_state(model, weights, str(path))
+    return model.eval()
+
+
+def saved_config(path: str | Path) -> dict[str, Any]:
+    """The resolved config stored with the weights (as a plain dict)."""
+    return _read(Path(path))[1]
