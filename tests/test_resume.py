@@ -73,15 +73,16 @@ def compare(ref_out, ref_dir, out, run_dir):
         json.loads((run_dir / "history.json").read_text())[-1]["val/loss"]
 
 
-@pytest.mark.parametrize("nproc, seed", [(1, 11), (2, 23)])
-def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path, nproc, seed):
+@pytest.mark.parametrize("nproc, seed, workers", [(1, 11, 0), (2, 23, 0), (1, 37, 2)])
+def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path, nproc, seed, workers):
     ref_out, ref_dir = tmp_path / "ref_out", tmp_path / "runs" / "ref"
-    finish(start(command(nproc, ref_out, ref_dir, [])))
+    base = [f"data.num_workers={workers}"]  # augmentation drawn in worker processes must replay exactly too
+    finish(start(command(nproc, ref_out, ref_dir, base)))
 
     rng = random.Random(seed)
     out, run_dir = tmp_path / "out", tmp_path / "runs" / "killed"
     last = run_dir / "checkpoints" / "last.ckpt"
-    kills, extra = 0, []
+    kills, extra = 0, list(base)
     for _ in range(3):  # three SIGKILLs at random moments, each followed by resume=auto
         p = start(command(nproc, out, run_dir, extra))
         if not wait_for(last.exists, p):
@@ -91,11 +92,11 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path, nproc, see
             break
         kill_group(p)
         kills += 1
-        extra = ["trainer.resume=auto"]
+        extra = [*base, "trainer.resume=auto"]
         state = checkpoint.load(last)  # whatever moment it died at, last.ckpt is whole
         assert state["global_step"] >= 1
     assert kills >= 1
-    p = start(command(nproc, out, run_dir, ["trainer.resume=auto"]))
+    p = start(command(nproc, out, run_dir, [*base, "trainer.resume=auto"]))
     finish(p)
     compare(ref_out, ref_dir, out, run_dir)
 
