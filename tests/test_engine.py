@@ -166,7 +166,7 @@ def test_early_stopping_and_nonfinite(tmp_path):
     x = torch.randn(32, 3)
     t = Trainer(nn.Linear(3, 1), nan_loss, TensorDataset(x, x), config=cfg)
     t.fit()
-    assert t.epoch == 1 and t.global_step == 4 and "non-finite training loss at step 4" in t.stop_reason
+    assert t.epoch == 1 and t.global_step == 4 and "non-finite training loss before step 4" in t.stop_reason
 
 
 def test_fast_dev_run_writes_no_checkpoints(tmp_path):

@@ -126,7 +126,9 @@ class SeededDataset(Dataset):
         try:
             random.seed(seed)
             np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
+            # CPU generator only: torch.manual_seed also queues a CUDA seeding call that records a
+            # stack trace each time (1 ms per batch, and a queue that grows) until CUDA initialises.
+            torch.default_generator.manual_seed(seed)
             return [self.dataset[i] for i in indices]
         finally:
             random.setstate(saved[0])
@@ -173,10 +175,17 @@ def to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> An
 
 
 def batch_size_of(batch: Any) -> int:
-    """Number of samples in a batch: the leading dim of its first tensor."""
-    found: list[int] = []
-    map_tensors(batch, lambda t: found.append(t.shape[0] if t.dim() else 1) or t)
-    return found[0] if found else 1
+    """Number of samples in a batch: the leading dim of its first tensor (depth-first)."""
+    stack = [batch]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            return obj.shape[0] if obj.dim() else 1
+        if isinstance(obj, dict):
+            stack.extend(reversed(list(obj.values())))
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(reversed(obj))
+    return 1
 
 
 class DevicePrefetcher:
@@ -200,7 +209,7 @@ class DevicePrefetcher:
         except StopIteration:
             return StopIteration
         if self.stream is None:
-            return batch
+            return batch if self.device.type == "cpu" else to_device(batch, self.device)
         with torch.cuda.stream(self.stream):
             return to_device(batch, self.device, non_blocking=True)
 

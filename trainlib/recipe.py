@@ -14,7 +14,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from . import dist
 from .preemption import Preempted
@@ -41,6 +41,7 @@ class Recipe:
     param_groups: Optional[Callable[[Any, Any], list]] = None  # (model, cfg) -> torch param groups
     callbacks: Optional[Callable[[Any], list]] = None        # (cfg) -> [Callback, ...]
     description: str = ""
+    search_space: Optional[Callable[[Any], dict]] = None     # (optuna trial) -> {config key: value}; launch/hyperopt.py
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,8 +189,10 @@ def prepare_synthetic(recipe: Recipe, cfg: Config) -> None:
               flush=True)
 
 
-def run(recipe: Recipe, cfg: Config, demo: bool = False) -> dict[str, float]:
-    """Build everything from a resolved config and train (or test)."""
+def run(recipe: Recipe, cfg: Config, demo: bool = False, *, callbacks: Sequence[Any] = (),
+        datasets_hook: Optional[Callable[[dict], dict]] = None) -> dict[str, float]:
+    """Build everything from a resolved config and train (or test). `callbacks` join the recipe's;
+    `datasets_hook(splits) -> splits` may replace the splits (hyperopt: a train subset, train+val)."""
     from .trainer import Trainer
 
     device = dist.pick_device(cfg.trainer.device, dist.env_from_torchrun())
@@ -197,6 +200,8 @@ def run(recipe: Recipe, cfg: Config, demo: bool = False) -> dict[str, float]:
     if demo:
         prepare_synthetic(recipe, cfg)
     datasets = recipe.build_datasets(cfg)
+    if datasets_hook is not None:
+        datasets = datasets_hook(datasets)
     dist.seed_everything(cfg.trainer.seed, 0)  # identical, reproducible initial weights on every rank
     model = recipe.build_model(cfg)
     trainer = Trainer(
@@ -204,7 +209,7 @@ def run(recipe: Recipe, cfg: Config, demo: bool = False) -> dict[str, float]:
         datasets.get("val"), datasets.get("test"), config=cfg,
         metrics=lambda: recipe.metrics(cfg), forward_fn=recipe.forward,
         collate_fn=recipe.collate(cfg) if recipe.collate else None,
-        callbacks=recipe.callbacks(cfg) if recipe.callbacks else (),
+        callbacks=[*(recipe.callbacks(cfg) if recipe.callbacks else ()), *callbacks],
         param_groups=recipe.param_groups(model, cfg) if recipe.param_groups else None, name=recipe.name)
     if cfg.trainer.test_only:
         if not cfg.trainer.ckpt_path:

@@ -30,7 +30,7 @@ from torch import nn
 from . import __version__, checkpoint, dist
 from .callbacks import Callback, EarlyStopping, History, LRMonitor, ModelCheckpoint
 from .config import Config, ConfigError, DataConfig, LogConfig, OptimConfig, TrainerConfig, dump_yaml, to_dict
-from .data import DevicePrefetcher, ShardSampler, batch_size_of, build_loader, to_device
+from .data import DevicePrefetcher, ShardSampler, batch_size_of, build_loader, map_tensors, to_device
 from .loggers import ConsoleLogger, Logger, build_loggers, log, setup_text_log
 from .metrics import MeanMetric, Metric
 from .optim import LRSchedule, build_optimizer, trainable_params
@@ -155,6 +155,10 @@ class Trainer:
         self.optimizer = build_optimizer(param_groups or trainable_params(self.model), cfg.optim)
         # Fused optimizers take a device-side found_inf flag: a non-finite step is skipped with no host sync.
         self.device_skip = bool(self.optimizer.defaults.get("fused"))
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # Gradients are normalised by the global weight of each step; with one micro-batch in one
+        # process that is the loss's own mean, so the extra pass over the gradients is skipped.
+        self.normalise_grads = self.env.world_size > 1 or self.tc.accumulate_grad_batches > 1
         self.train_batches = self._train_batches_per_epoch() if train_data is not None else 0
         self.steps_per_epoch = math.ceil(self.train_batches / self.tc.accumulate_grad_batches)
         epochs = 1 if self.fast_dev_run else self.tc.max_epochs
@@ -283,6 +287,7 @@ class Trainer:
         rngs = dist.all_gather_object(dist.rng_state())
         # each rank's running sums of the unfinished epoch (they differ per rank until reduced)
         accs = dist.all_gather_object(None if epoch_done or self.acc is None else _to_cpu(self.acc))
+        # (pending micro-batches are stored as they are: summing them now would change the rounding)
         return {
             "format": checkpoint.FORMAT,
             "version": __version__,
@@ -331,9 +336,7 @@ class Trainer:
             self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
             accs = state["accumulators"]
             if len(accs) == self.env.world_size and accs[self.env.rank] is not None:
-                acc = accs[self.env.rank]
-                self.acc = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else
-                                {n: t.to(self.device) for n, t in v.items()}) for k, v in acc.items()}
+                self.acc = _to_device(accs[self.env.rank], self.device)
         self.rows_logged = state["rows_logged"]
         if self.is_main:
             _truncate_lines(self.run_dir / "metrics.jsonl", self.rows_logged)
@@ -433,76 +436,69 @@ class Trainer:
         dev = self.device
         if start == 0 or self.acc is None:
             self.acc = self._fresh_accumulators()
-        acc = self.acc  # device-side running sums; checkpointed, so a resumed epoch logs the same rows
-        epoch_sum, epoch_w, log_sum, log_w = acc["epoch_sum"], acc["epoch_w"], acc["log_sum"], acc["log_w"]
-        nonfinite, parts_sum = acc["nonfinite"], acc["parts"]
-        win_sum = torch.zeros((), device=dev)
-        win_w = torch.zeros((), device=dev)
-        win_bad = torch.zeros((), device=dev)
+        acc = self.acc  # running sums + not-yet-summed micro-batches; checkpointed, so a resumed run logs the same rows
+        window: list[tuple[torch.Tensor, torch.Tensor]] = []
         t_log, steps_since_log = time.time(), 0
 
         i = start
         for batch in DevicePrefetcher(self.loaders["train"], dev) if start < n else ():
             if i >= n:
                 break
-            batch = self.precision.cast_batch(to_device(batch, dev))
+            batch = self.precision.cast_batch(batch)
             last_micro = (i + 1) % k == 0 or i + 1 == n
             sync = contextlib.nullcontext() if (last_micro or not self.ddp) else self.train_module.no_sync()
             with sync:
                 with self.precision.autocast():
                     outputs = self.forward_fn(self.train_module, batch)
                     loss, weight, parts = self._unpack_loss(self.loss_fn(outputs, batch), batch)
-                self.scaler.scale(loss.float() * weight).backward()
-            with torch.no_grad():
-                contrib = loss.detach().float() * weight
-                win_sum += contrib
-                win_w += weight
-                win_bad += (~torch.isfinite(contrib)).float()
-                for name, v in parts.items():
-                    parts_sum[name] = parts_sum.get(name, 0) + v.detach().double() * weight
+                # One micro-batch, one process: the mean loss already has the right gradient.
+                self.scaler.scale(loss.float() * weight if self.normalise_grads else loss.float()).backward()
+            item = (loss.detach(), weight)
+            acc["pending"].append((*item, {name: v.detach() for name, v in parts.items()}))
+            window.append(item)
             i += 1
             if self.console:
                 self.console.advance()
             if not last_micro:
                 continue
 
-            bad = self._optimizer_step(win_w, win_bad)  # 1.0 when the step was skipped (non-finite)
-            good = 1.0 - bad
-            nonfinite += bad
-            epoch_sum += torch.nan_to_num(win_sum * good).double()  # skipped steps leave the averages alone
-            epoch_w += (win_w * good).double()
-            log_sum += torch.nan_to_num(win_sum * good).double()
-            log_w += (win_w * good).double()
-            win_sum.zero_()
-            win_w.zero_()
-            win_bad.zero_()
+            skipped = self._optimizer_step(window)  # device flag (skip mode) or None; no host sync
+            window = []
+            if skipped is not None:
+                acc["skipped"] += skipped
             self.global_step += 1
             self.batch_in_epoch = i
             steps_since_log += 1
 
             if self.global_step % self.cfg.log.every_n_steps == 0 or i == n:
                 # Logging step: the only host syncs of the loop (.item(), cross-rank reduce).
-                stats = torch.stack([log_sum, log_w, nonfinite, torch.tensor(float(self.signals.signum), device=dev)
-                                     .double()] + [parts_sum[p].double() for p in sorted(parts_sum)])
+                self._fold()
+                names = sorted(acc["parts"])
+                sums = acc["sums"]
+                stats = torch.cat([sums[2:5], acc["skipped"].view(1).double(),
+                                   torch.tensor([float(self.signals.signum)], device=dev, dtype=torch.float64)]
+                                  + [acc["parts"][p].view(1) for p in names])
                 if self.env.distributed:
                     torch_dist.all_reduce(stats)
                 vals = stats.tolist()  # host sync (logging step)
                 elapsed = time.time() - t_log
                 row = {"step": self.global_step, "epoch": self.epoch, "split": "train",
                        "loss": vals[0] / max(vals[1], 1e-12)}
-                for j, p in enumerate(sorted(parts_sum)):
-                    row[p] = vals[4 + j] / max(vals[1], 1e-12)
-                if vals[2] > 0:
-                    row["skipped_steps"] = int(vals[2] / max(1, self.env.world_size))
+                for j, p in enumerate(names):
+                    row[p] = vals[5 + j] / max(vals[1], 1e-12)
+                if vals[3] > 0:
+                    row["skipped_steps"] = int(vals[3] / max(1, self.env.world_size))
                 row["steps_per_s"] = steps_since_log / max(elapsed, 1e-9)
                 self._emit("on_train_log", row)
                 self._log_row(row)
-                log_sum.zero_(), log_w.zero_(), nonfinite.zero_(), parts_sum.clear()
+                sums[2:5].zero_()
+                acc["skipped"].zero_()
+                acc["parts"].clear()
                 t_log, steps_since_log = time.time(), 0
                 if vals[2] > 0 and tc.nonfinite == "stop":
-                    self.request_stop(f"non-finite training loss at step {self.global_step} (its update was "
-                                      f"not applied; trainer.nonfinite=skip goes on instead)")
-                if vals[3] > 0:  # a rank got SIGTERM/SIGINT: every rank stops here, at the same step
+                    self.request_stop(f"non-finite training loss before step {self.global_step} "
+                                      f"(trainer.nonfinite=skip skips such steps and goes on)")
+                if vals[4] > 0:  # a rank got SIGTERM/SIGINT: every rank stops here, at the same step
                     self.preempt_signal = self.signals.signum or signal.SIGTERM
                 if math.isfinite(self.max_seconds):
                     over = dist.any_true(time.time() - t_start >= self.max_seconds, dev)  # host sync (logging step)
@@ -516,15 +512,34 @@ class Trainer:
             if self.should_stop or 0 < tc.max_steps <= self.global_step:
                 break
 
-        stats = torch.stack([epoch_sum, epoch_w])
+        stats = acc["sums"][0:2].clone()  # the epoch's last step was a logging step: nothing is pending
         if self.env.distributed:
             torch_dist.all_reduce(stats)
         s, w = stats.tolist()  # host sync (epoch end)
         self.epoch_train_metrics = {"train/loss": s / w if w > 0 else math.nan}
 
     def _fresh_accumulators(self) -> dict:
-        z = lambda dtype=torch.float64: torch.zeros((), device=self.device, dtype=dtype)  # noqa: E731
-        return {"epoch_sum": z(), "epoch_w": z(), "log_sum": z(), "log_w": z(), "nonfinite": z(), "parts": {}}
+        """sums: epoch loss*weight, epoch weight, window loss*weight, window weight, window non-finite
+        micro-batches; skipped: skipped steps in the window; parts: logged loss parts; pending:
+        micro-batches not summed yet (summed in one go on logging steps: no per-step tensor ops)."""
+        z = torch.zeros(5, device=self.device, dtype=torch.float64)
+        return {"sums": z, "skipped": torch.zeros((), device=self.device), "parts": {}, "pending": []}
+
+    def _fold(self) -> None:
+        """Sum the pending micro-batches into the running sums (non-finite ones are counted, not summed)."""
+        acc = self.acc
+        pend = acc["pending"]
+        if not pend:
+            return
+        ws = torch.stack([p[1] for p in pend]).double()
+        contrib = torch.stack([p[0] for p in pend]).double() * ws
+        ok = torch.isfinite(contrib)
+        c, w = torch.where(ok, contrib, 0).sum(), torch.where(ok, ws, 0).sum()
+        acc["sums"] += torch.stack((c, w, c, w, (~ok).sum().double()))
+        for name in pend[0][2]:
+            v = torch.stack([p[2][name] for p in pend]).double() * ws
+            acc["parts"][name] = acc["parts"].get(name, 0) + torch.where(ok, v, 0).sum()
+        pend.clear()
 
     def _unpack_loss(self, out: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
         if isinstance(out, dict):
@@ -540,24 +555,36 @@ class Trainer:
         weight = torch.as_tensor(weight, dtype=torch.float32, device=loss.device)
         return loss, weight, parts
 
-    def _optimizer_step(self, window_weight: torch.Tensor, window_bad: torch.Tensor) -> torch.Tensor:
-        """Normalise by the global weight, unscale, clip, step; returns 1.0 (device) if the step was
-        skipped for a non-finite loss or gradient. No host sync (fp16's scaler with a non-fused
-        optimizer excepted)."""
-        stats = torch.stack([window_weight, window_bad])
-        if self.env.distributed:
-            torch_dist.all_reduce(stats)  # device-side; DDP already averaged grads over ranks
-        total, bad = stats[0], (stats[1] > 0).float()
+    def _optimizer_step(self, window: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+        """Normalise by the global weight, unscale, clip, step. Returns the device flag "this step was
+        skipped" when trainer.nonfinite=skip (else None). No host sync (fp16's scaler with a
+        non-fused optimizer excepted)."""
+        skip = self.tc.nonfinite == "skip"
+        total = bad = None
+        if self.normalise_grads or skip:
+            parts = []
+            if self.normalise_grads:
+                total = torch.stack([w for _, w in window]).sum()
+                parts.append(total)
+            if skip:
+                bad = (~torch.isfinite(torch.stack([l.float() for l, _ in window]))).any().float()
+                parts.append(bad)
+            if self.env.distributed:
+                stats = torch.stack(parts)
+                torch_dist.all_reduce(stats)  # device-side; DDP already averaged the gradients over ranks
+                total = stats[0] if self.normalise_grads else None
+                bad = (stats[-1] > 0).float() if skip else None
         self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            scale = (self.env.world_size / total.clamp_min(1e-12)).to(grads[0].dtype)
-            torch._foreach_mul_(grads, scale)
+        params = self._params
+        if total is not None:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, (self.env.world_size / total.clamp_min(1e-12)).to(grads[0].dtype))
         if self.tc.grad_clip > 0:
             norm = nn.utils.clip_grad_norm_(params, self.tc.grad_clip)
-            bad = torch.maximum(bad, (~torch.isfinite(norm)).float())
-        if self.device_skip and not self.scaler.is_enabled():
+            if bad is not None:
+                bad = torch.maximum(bad, (~torch.isfinite(norm)).float())
+        if bad is not None and self.device_skip and not self.scaler.is_enabled():
             self.optimizer.grad_scale, self.optimizer.found_inf = None, bad  # fused step: skipped on device
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -622,6 +649,9 @@ class Trainer:
             state, source = self.model.state_dict(), "final"
             if best.is_file():
                 state, source = checkpoint.load(best)["model"], "best"
+            elif not all(bool(v.isfinite().all()) for v in state.values() if v.is_floating_point()):
+                log.error("not exporting model.safetensors: the final weights are not finite")
+                return None
             meta = {"format": "trainlib", "recipe": self.name, "weights": source, "config": dump_yaml(self.cfg)}
             checkpoint.export_safetensors(state, self.run_dir / "model.safetensors", meta)
             log.info(f"exported {source} weights to {self.run_dir / 'model.safetensors'}")
@@ -634,9 +664,14 @@ class Trainer:
 
 
 def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    return {k: _to_cpu(v) for k, v in obj.items()}
+    return map_tensors(obj, lambda t: t.detach().cpu())
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """Checkpointed accumulators back on the device (lists stay lists: tuples are saved as lists)."""
+    out = map_tensors(obj, lambda t: t.to(device))
+    out["pending"] = [tuple(p) for p in out["pending"]]
+    return out
 
 
 def _truncate_lines(path: Path, n: int) -> None:
