@@ -272,3 +272,16 @@ def test_compile_keeps_checkpoint_keys_plain(tmp_path):
     t.fit()
     state = torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", weights_only=True)["model"]
     assert sorted(state) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+
+
+def test_training_rows_carry_throughput(tmp_path):
+    t = make_trainer([f"trainer.out_dir={tmp_path}", "trainer.max_epochs=1", "trainer.run_name=tp",
+                      "log.every_n_steps=4", "data.batch_size=8"], ToyData(64))
+    t.fit()
+    rows = [json.loads(x) for x in (tmp_path / "tp" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == [4, 8]
+    for r in train:
+        assert r["samples_per_s"] == pytest.approx(8 * r["steps_per_s"])
+        assert r["step_ms"] == pytest.approx(1000 / r["steps_per_s"])
+        assert 0.0 <= r["data_wait"] <= 1.0

@@ -8,6 +8,7 @@ import torch
 
 from tests.test_resume import finish, kill_group, start, wait_for
 from trainlib import checkpoint
+from trainlib.loggers import TIMING_KEYS
 
 ARGS = ["model.num_channels=32", "model.num_layers=3", "trainer.max_epochs=3", "data.batch_size=16",
         "trainer.ckpt_every_n_steps=2", "log.every_n_steps=3", "log.loggers=jsonl", "optim.lr=2e-3"]
@@ -46,6 +47,6 @@ def test_pdan_killed_twice_and_resumed_matches_uninterrupted(tmp_path):
 
     def rows(d):
         out = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in out]
+        return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in out]
 
     assert rows(ref) == rows(run)

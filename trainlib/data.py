@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -199,15 +200,19 @@ class DevicePrefetcher:
     def __init__(self, loader: Any, device: torch.device) -> None:
         self.loader, self.device = loader, device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.wait_s = 0.0  # host time spent waiting for the loader (throughput logging)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def _load(self, it: Iterator) -> Any:
+        t0 = time.perf_counter()
         try:
             batch = next(it)
         except StopIteration:
             return StopIteration
+        finally:
+            self.wait_s += time.perf_counter() - t0
         if self.stream is None:
             return batch if self.device.type == "cpu" else to_device(batch, self.device)
         with torch.cuda.stream(self.stream):
