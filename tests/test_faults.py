@@ -1,7 +1,6 @@
 """Preemption (SIGTERM), a rank that raises, elastic restarts, non-finite losses."""
 import json
 import signal
-import subprocess
 
 import pytest
 import torch

@@ -14,7 +14,7 @@ from recipes.pdan import (build_datasets, build_loss, collate, DAL, DataError, F
 from recipes.pdan.data import PDANData
 from recipes.pdan.metrics import average_precision
 from recipes.pdan.model import PDANConfig
-from trainlib.config import ConfigError, UserError
+from trainlib.config import UserError
 
 
 def make_cfg(root, *, num_classes=3, input_channels=8, mode="rgb", annotations="", loss_all=False):

@@ -137,6 +137,22 @@ class SeededDataset(Dataset):
             torch.set_rng_state(saved[2])
 
 
+def load_json(path: str, what: str, error: type[Exception] | None = None) -> Any:
+    """A user's JSON file (annotations, metadata, model config), or one clear error naming it."""
+    import json
+
+    from .config import DataError
+
+    error = error or DataError
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what} {path} is not valid JSON: {e}") from None
+
+
 def _seed_worker(worker_id: int) -> None:
     # torch seeds each worker with the loader's base seed + worker id; derive numpy/random from it.
     s = torch.initial_seed() % 2**32

@@ -53,6 +53,8 @@ def load_model(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             raise ConfigError(f"{path} was trained by recipe {name!r}, which is not installed here") from None
         cfg = Config(model=recipe.model_config(), data=recipe.data_config(), recipe=name)
         apply_dict(cfg, {k: v for k, v in config.items() if k in ("model", "data")}, str(path))
+        if hasattr(cfg.model, "pretrained"):
+            cfg.model.pretrained = ""  # the saved weights replace any start-from weights; the folder may be gone
         model = recipe.build_model(cfg)
     checkpoint.load_model_state(model, weights, str(path))
     return model.eval()

@@ -56,19 +56,22 @@ class Metric:
 
     def __init__(self) -> None:
         self._states: dict[str, str] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         self._lists: dict[str, list[torch.Tensor]] = {}
 
-    def add_state(self, name: str, reduce: str) -> None:
-        """reduce='sum': a tensor summed across ranks (starts as 0.);
-        reduce='cat': a list of tensors, concatenated along dim 0 across ranks."""
+    def add_state(self, name: str, reduce: str, shape: tuple[int, ...] = ()) -> None:
+        """reduce='sum': a float64 tensor of `shape` summed across ranks (starts at zeros, so a rank
+        that saw no batch still reduces the right shape); reduce='cat': a list of tensors,
+        concatenated along dim 0 across ranks."""
         if reduce not in ("sum", "cat"):
             raise ValueError(f"reduce must be 'sum' or 'cat', got {reduce!r}")
         self._states[name] = reduce
+        self._shapes[name] = tuple(shape)
         if reduce == "cat":
             self._lists[name] = []
             setattr(self, name, self._lists[name])
         else:
-            setattr(self, name, torch.zeros((), dtype=torch.float64))
+            setattr(self, name, torch.zeros(self._shapes[name], dtype=torch.float64))
 
     def reset(self) -> None:
         for name, reduce in self._states.items():
@@ -76,7 +79,7 @@ class Metric:
                 self._lists[name].clear()
                 setattr(self, name, self._lists[name])
             else:
-                setattr(self, name, torch.zeros((), dtype=torch.float64))
+                setattr(self, name, torch.zeros(self._shapes[name], dtype=torch.float64))
 
     def update(self, outputs: Any, batch: Any) -> None:
         raise NotImplementedError

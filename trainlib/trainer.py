@@ -122,7 +122,10 @@ class Trainer:
         self.model = model.to(self.device, dtype=self.precision.param_dtype)
         use_ddp = self.env.distributed and self.tc.strategy == "ddp"
         if use_ddp and self.tc.sync_batchnorm:
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            if self.device.type != "cuda":
+                log.warning("trainer.sync_batchnorm=true ignored: SyncBatchNorm needs GPUs (NCCL)")
+            else:
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.compiled = torch.compile(self.model) if self.tc.compile else self.model
         if use_ddp:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -614,6 +617,11 @@ class Trainer:
         for m in metrics:
             m.reset()
         loss_mean = MeanMetric("loss")
+        if self.env.distributed:
+            # Each rank's last training forward updated its own BatchNorm statistics; evaluate (and
+            # checkpoint) rank 0's, so N processes score exactly what one process scores.
+            for b in self.model.buffers():
+                torch_dist.broadcast(b, 0)
         was_training = self.compiled.training
         self.compiled.eval()
         for i, batch in enumerate(DevicePrefetcher(loader, self.device)):

@@ -16,7 +16,6 @@ naming the file or key and what was expected.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from trainlib.config import ConfigError, DataConfig, DataError, opt
+from trainlib.data import load_json
 
 SUBSETS = {"train": "training", "val": "testing", "test": "testing"}
 NUM_LOC_POINTS = 25
@@ -116,11 +116,7 @@ def load_annotations(path: str) -> dict:
     if not os.path.isfile(path):
         raise DataError(f"annotation file not found: {path} (set data.annotations=<charades.json> "
                         f"or put charades.json in data.root)")
-    try:
-        with open(path) as fh:
-            db = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"annotation file {path} is not valid JSON: {e}") from None
+    db = load_json(path, "annotation file")
     if not isinstance(db, dict):
         raise DataError(f"annotation file {path}: expected a mapping {{video_id: {{subset, duration, actions}}}}, "
                         f"got {type(db).__name__}")
