@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -173,7 +174,7 @@ def parse_args(argv: list[str]) -> tuple[Setup | None, str]:
             rest.append((k, v))
 
     section = HPOSection()
-    yaml_hpo, yaml_space, build_path, tmp_dir = {}, None, config_path, None
+    yaml_hpo, yaml_space, stripped = {}, None, None
     if config_path:
         try:
             with open(config_path) as fh:
@@ -191,11 +192,7 @@ def parse_args(argv: list[str]) -> tuple[Setup | None, str]:
                 raise ConfigError(f"{config_path}: the hpo section must be a mapping")
             yaml_hpo = dict(yaml_hpo)
             yaml_space = yaml_hpo.pop("space", None)
-            # the recipe's config does not know `hpo`: build_config reads the file without it
-            tmp_dir = tempfile.mkdtemp(prefix="trainlib-hpo-")
-            build_path = os.path.join(tmp_dir, os.path.basename(config_path))
-            with open(build_path, "w") as fh:
-                yaml.safe_dump(data, fh, sort_keys=False)
+            stripped = data  # the recipe's config does not know `hpo`: build_config reads the file without it
         apply_dict(section, {"hpo": yaml_hpo}, config_path)
         if yaml_space is not None:
             section.hpo.space = yaml_space
@@ -209,8 +206,14 @@ def parse_args(argv: list[str]) -> tuple[Setup | None, str]:
                           + f"\n\nRecipes: {', '.join(available_recipes())} (recipe=NAME --help lists their keys)")
         raise ConfigError(f"name the recipe to tune: recipe=NAME (available: {', '.join(available_recipes())})")
     recipe = load_recipe(recipe_name)
-    argv2 = (["--config", build_path] if build_path else []) + [f"{k}={v}" for k, v in rest]
+    build_path, tmp_dir = config_path, None
     try:
+        if stripped is not None:
+            tmp_dir = tempfile.mkdtemp(prefix="trainlib-hpo-")
+            build_path = os.path.join(tmp_dir, os.path.basename(config_path))
+            with open(build_path, "w") as fh:
+                yaml.safe_dump(stripped, fh, sort_keys=False)
+        argv2 = (["--config", build_path] if build_path else []) + [f"{k}={v}" for k, v in rest]
         cfg, _, demo = build_config(recipe, argv2 + (["--help"] if want_help else []))
     except ConfigError as e:
         if build_path != config_path:
@@ -230,7 +233,8 @@ def parse_args(argv: list[str]) -> tuple[Setup | None, str]:
     if cfg.trainer.test_only:
         raise ConfigError("trainer.test_only=true: hyperopt trains; evaluate with python -m recipes.<name> instead")
     if cfg.trainer.check_val_every_n_epoch < 1:
-        raise ConfigError("hyperopt scores trials on the validation split: trainer.check_val_every_n_epoch must be >= 1")
+        raise ConfigError("hyperopt scores trials on the validation split: "
+                          "trainer.check_val_every_n_epoch must be >= 1")
     if h.pruner == "threshold" and not (math.isfinite(h.prune_below) or math.isfinite(h.prune_above)):
         raise ConfigError("hpo.pruner=threshold needs hpo.prune_below and/or hpo.prune_above")
     metric = h.metric or cfg.trainer.monitor
@@ -447,6 +451,10 @@ class StudyGroup:
         self.generation = 0
         self.round = 0
         if self.env.world_size > 1:
+            # DDP imports this module lazily; its functions capture the default group in their default
+            # arguments (group=group.WORLD) at import time, which would keep every group we destroy
+            # alive, sockets open, and a peer waiting on them would hang. Import it while none exists.
+            import torch.distributed.nn.functional  # noqa: F401
             store, _, _ = next(torch_dist.rendezvous("env://", rank=self.env.rank, world_size=self.env.world_size,
                                                      timeout=self.timeout))
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -464,9 +472,17 @@ class StudyGroup:
         torch_dist.init_process_group(**kwargs)
 
     def abandon(self) -> None:
-        """This rank failed inside a trial: leave the group so no peer waits for it."""
-        if self.store is not None and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+        """This rank failed inside a trial: close the group so no peer waits for it. Gloo closes its
+        connections only when the group object dies, so the caller must have dropped the trial's
+        objects (trainer, DDP module, traceback) first."""
+        if self.store is None or not torch_dist.is_initialized():
+            return
+        ref = weakref.ref(torch_dist.group.WORLD)
+        torch_dist.destroy_process_group()
+        gc.collect()
+        if ref() is not None:
+            print(f"[rank {self.env.rank}] [hpo] warning: the failed trial's process group is still referenced; "
+                  f"ranks waiting for this one stop only after trainer.ddp_timeout", file=sys.stderr, flush=True)
 
     def agree(self, status: dict) -> list[dict]:
         """Every rank's status, on every rank (through the store, so it works with a broken group)."""
@@ -593,6 +609,7 @@ def run_trial(s: Setup, group: StudyGroup, number: int, params: dict, trial: Any
     """Every rank: train one trial; -> this rank's status {state, value | reason, step}."""
     monitor = TrialMonitor(trial, s.metric, s.direction, s.hpo.pruner != "none")
     status: dict[str, Any] = {"rank": group.env.rank}
+    failure: tuple[str, bool, str] | None = None
     try:
         cfg = trial_config(s, number, params)
         run(s.recipe, cfg, s.demo, callbacks=[monitor],
@@ -603,18 +620,22 @@ def run_trial(s: Setup, group: StudyGroup, number: int, params: dict, trial: Any
     except Preempted as e:
         raise _StudyPreempted(e.signum, e.checkpoint) from None
     except Exception as e:  # noqa: BLE001 - any error fails this trial only
-        peer = group.env.world_size > 1 and _peer_failure(e)
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:500] if str(e).strip() else ''}"
+        text = str(e).strip()
+        failure = (f"{type(e).__name__}: {text.splitlines()[0][:500] if text else ''}",
+                   group.env.world_size > 1 and _peer_failure(e), traceback.format_exc())
+    # the exception (and with it the trial's frames) is gone here; drop the trainer too
+    status["step"] = monitor.trainer.global_step if monitor.trainer is not None else None
+    monitor.trainer = None
+    if failure is not None:
+        reason, peer, trace = failure
         prefix = f"[rank {group.env.rank}] " if group.env.world_size > 1 else ""
         if peer:
             print(f"{prefix}[hpo] trial {number}: a collective failed because another rank failed ({reason[:200]})",
                   file=sys.stderr, flush=True)
         else:
-            print(f"{prefix}[hpo] trial {number} failed: {reason}\n{traceback.format_exc()}", file=sys.stderr,
-                  flush=True)
+            print(f"{prefix}[hpo] trial {number} failed: {reason}\n{trace}", file=sys.stderr, flush=True)
         group.abandon()
         status.update(state="fail", reason=reason, peer=peer)
-    status["step"] = monitor.trainer.global_step if monitor.trainer is not None else None
     return status
 
 
@@ -791,6 +812,10 @@ def run_study(s: Setup, group: StudyGroup) -> dict | None:
             print(f"[hpo] trial {number} ({order['index']}/{h.n_trials}): {_show(params)}", flush=True)
         try:
             status = run_trial(s, group, number, params, trial)
+        except StudyError as e:  # raised alike on every rank: recorded, then the study ends
+            if main_rank:
+                tell(study, trial, {"state": "fail", "reason": str(e)})
+            raise
         finally:
             if main_rank:
                 cleanup_trial(s.study_dir / f"trial_{number}")

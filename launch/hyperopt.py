@@ -1,0 +1,14 @@
+"""Optuna hyper-parameter search over a recipe, then the final training with the best values.
+
+    python -m launch.hyperopt recipe=pdan hpo.n_trials=20
+    torchrun --nproc_per_node=4 -m launch.hyperopt recipe=pdan hpo.n_trials=20 hpo.storage=sqlite:///pdan.db
+    python -m launch.hyperopt recipe=pdan --skip-hyperopt --hyperparams-file runs/pdan_hpo/best_hyperparams.json
+
+Everything lives in trainlib/hpo.py; see docs/hyperopt.md and `python -m launch.hyperopt --help`.
+"""
+import sys
+
+from trainlib.hpo import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
