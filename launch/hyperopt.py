@@ -9,6 +9,7 @@ Everything lives in trainlib/hpo.py; see docs/hyperopt.md and `python -m launch.
 import sys
 
 from trainlib.hpo import main
+from trainlib.recipe import exit_process
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    exit_process(main(sys.argv[1:]))

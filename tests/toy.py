@@ -141,6 +141,6 @@ if __name__ == "__main__":
         if rank == 0:
             torch.save(trainer.model.state_dict(), out / "weights.pt")
 
-    from trainlib.recipe import guarded
+    from trainlib.recipe import exit_process, guarded
 
-    sys.exit(guarded(body))
+    exit_process(guarded(body))

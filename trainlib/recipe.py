@@ -269,6 +269,21 @@ def _peer_failure(e: BaseException) -> bool:
         s in text for s in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL", "Broken pipe"))
 
 
+def exit_process(code: int) -> None:
+    """End the process with `code`. Under torchrun, skip the interpreter's teardown once everything
+    is flushed and the process group is destroyed: gloo's C++ threads were seen (rarely, on a loaded
+    machine) to abort a finished rank in teardown ("terminate called without an active exception"),
+    turning a successful run into a failure that torchrun would even restart."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import logging
+
+        logging.shutdown()
+        os._exit(code)
+    raise SystemExit(code)
+
+
 def main(recipe: Recipe, argv: list[str] | None = None) -> int:
     """Entry point of `python -m recipes.<name>` (see `guarded` for the exit codes)."""
     argv = sys.argv[1:] if argv is None else argv

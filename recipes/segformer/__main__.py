@@ -1,6 +1,6 @@
 """`python -m recipes.segformer` / `torchrun --nproc_per_node=N -m recipes.segformer`."""
-from trainlib.recipe import main
+from trainlib.recipe import exit_process, main
 
 from . import recipe
 
-raise SystemExit(main(recipe))
+exit_process(main(recipe))
