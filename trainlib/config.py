@@ -301,7 +301,8 @@ def apply_dict(cfg: Any, data: dict, source: str, prefix: str = "") -> None:
                 raise ConfigError(f"{source}: {e}") from None
 
 
-def load_yaml(cfg: Any, path: str) -> None:
+def read_yaml(path: str) -> dict:
+    """A config file's mapping of sections, or one clear error naming the file."""
     try:
         with open(path) as fh:
             data = yaml.safe_load(fh) or {}
@@ -309,6 +310,13 @@ def load_yaml(cfg: Any, path: str) -> None:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_yaml(cfg: Any, path: str) -> None:
+    data = read_yaml(path)
     data.pop("recipe", None)
     apply_dict(cfg, data, path)
 

@@ -51,7 +51,7 @@ import yaml
 from . import dist
 from .callbacks import Callback
 from .checkpoint import atomic_write_bytes
-from .config import ConfigError, UserError, apply_dict, help_text, opt, resolve_key, set_value
+from .config import ConfigError, UserError, apply_dict, help_text, opt, read_yaml, resolve_key, set_value
 from .preemption import Preempted
 from .recipe import ENGINE_ALIASES, Recipe, _peer_failure, build_config, guarded, parse_cli, run
 
@@ -176,15 +176,7 @@ def parse_args(argv: list[str]) -> tuple[Setup | None, str]:
     section = HPOSection()
     yaml_hpo, yaml_space, stripped = {}, None, None
     if config_path:
-        try:
-            with open(config_path) as fh:
-                data = yaml.safe_load(fh) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {config_path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {config_path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{config_path}: expected a mapping of sections, got {type(data).__name__}")
+        data = read_yaml(config_path)
         recipe_name = recipe_name or str(data.get("recipe") or "")
         if "hpo" in data:
             yaml_hpo = data.pop("hpo") or {}
