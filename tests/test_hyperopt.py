@@ -193,11 +193,11 @@ def test_sqlite_study_killed_mid_trial_continues_to_n_trials(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    seen, deadline = [], time.time() + 120
+    seen, deadline = [], time.monotonic() + 120  # a timeout guard
     try:
         for line in proc.stdout:  # kill once trial 1 has been asked for (RUNNING in the storage)
             seen.append(line)
-            if line.startswith("[hpo] trial 1 (2/3)") or time.time() > deadline:
+            if line.startswith("[hpo] trial 1 (2/3)") or time.monotonic() > deadline:
                 break
     finally:
         os.killpg(proc.pid, signal.SIGKILL)

@@ -2,11 +2,10 @@
 import json
 import random
 import sys
-import time
 
 import torch
 
-from tests.test_resume import finish, kill_group, start, wait_for
+from tests.test_resume import finish, kill_at_random_moments, start
 from trainlib import checkpoint
 from trainlib.loggers import TIMING_KEYS
 
@@ -24,21 +23,8 @@ def test_pdan_killed_twice_and_resumed_matches_uninterrupted(tmp_path):
     finish(start(pdan(ref)))
     run = tmp_path / "killed"
     last = run / "checkpoints" / "last.ckpt"
-    rng = random.Random(5)
-    extra: list[str] = []
-    kills = 0
-    for _ in range(2):
-        p = start(pdan(run, *extra))
-        if not wait_for(last.exists, p):
-            break
-        time.sleep(rng.uniform(0.0, 1.5))
-        if p.poll() is not None:
-            break
-        kill_group(p)
-        kills += 1
-        extra = ["trainer.resume=auto"]
-    assert kills >= 1
-    finish(start(pdan(run, "trainer.resume=auto")))
+    kill_at_random_moments(lambda resume: pdan(run, *["trainer.resume=auto"] * resume), last, random.Random(5),
+                           times=2, max_delay=1.5)
     a = checkpoint.load(ref / "checkpoints" / "last.ckpt")
     b = checkpoint.load(last)
     assert a["global_step"] == b["global_step"] > 0

@@ -50,6 +50,25 @@ def wait_for(pred, p, timeout=120):
     return True
 
 
+def kill_at_random_moments(command_for, last, rng, times, max_delay):
+    """Start the run, SIGKILL its process group at a random moment after its first checkpoint, and
+    start it again with resume (command_for(resume)), `times` times; then let it finish."""
+    kills = 0
+    for _ in range(times):
+        p = start(command_for(kills > 0))
+        if not wait_for(last.exists, p):
+            break
+        time.sleep(rng.uniform(0.0, max_delay))
+        if p.poll() is not None:
+            break
+        kill_group(p)
+        kills += 1
+        state = checkpoint.load(last)  # whatever moment it died at, last.ckpt is whole
+        assert state["global_step"] >= 1
+    assert kills >= 1
+    finish(start(command_for(True)))
+
+
 def finish(p):
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out.decode()[-4000:]
@@ -82,22 +101,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path, nproc, see
     rng = random.Random(seed)
     out, run_dir = tmp_path / "out", tmp_path / "runs" / "killed"
     last = run_dir / "checkpoints" / "last.ckpt"
-    kills, extra = 0, list(base)
-    for _ in range(3):  # three SIGKILLs at random moments, each followed by resume=auto
-        p = start(command(nproc, out, run_dir, extra))
-        if not wait_for(last.exists, p):
-            break
-        time.sleep(rng.uniform(0.0, 0.6))
-        if p.poll() is not None:
-            break
-        kill_group(p)
-        kills += 1
-        extra = [*base, "trainer.resume=auto"]
-        state = checkpoint.load(last)  # whatever moment it died at, last.ckpt is whole
-        assert state["global_step"] >= 1
-    assert kills >= 1
-    p = start(command(nproc, out, run_dir, [*base, "trainer.resume=auto"]))
-    finish(p)
+    # three SIGKILLs at random moments, each followed by resume=auto
+    kill_at_random_moments(lambda resume: command(nproc, out, run_dir, base + ["trainer.resume=auto"] * resume),
+                           last, rng, times=3, max_delay=0.6)
     compare(ref_out, ref_dir, out, run_dir)
 
 
