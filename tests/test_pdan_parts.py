@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import types
 
 import numpy as np
@@ -10,17 +11,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recipes.pdan import (build_datasets, build_loss, collate, DAL, DataError, FrameMAP, loss_all_stages, loss_last_stage, PDAN, recipe, resolved_input_channels, write_synthetic)
+from recipes.pdan import (build_datasets, build_loss, collate, DAL, DataError, FrameMAP, loss_all_stages, loss_last_stage, padded_length, PDAN, recipe, resolved_input_channels, write_synthetic)
 from recipes.pdan.data import PDANData
 from recipes.pdan.metrics import average_precision
 from recipes.pdan.model import PDANConfig
-from trainlib.config import UserError
+from trainlib.config import Config, ConfigError, UserError, set_value
 
 
-def make_cfg(root, *, num_classes=3, input_channels=8, mode="rgb", annotations="", loss_all=False):
+def make_cfg(root, *, num_classes=3, input_channels=8, mode="rgb", annotations="", loss_all=False,
+             length_buckets=(), cuda_graphs=False):
     model = PDANConfig(num_classes=num_classes, input_channels=input_channels, loss_all_stages=loss_all)
-    data = PDANData(root=str(root), annotations=annotations, mode=mode)
-    return types.SimpleNamespace(model=model, data=data, trainer=types.SimpleNamespace(seed=0))
+    data = PDANData(root=str(root), annotations=annotations, mode=mode, length_buckets=list(length_buckets))
+    return types.SimpleNamespace(model=model, data=data, trainer=types.SimpleNamespace(seed=0, cuda_graphs=cuda_graphs))
 
 
 def write_dataset(root, videos, *, dim=8, layout="4d", seed=0):
@@ -279,6 +281,107 @@ def test_error_bad_entry(tmp_path):
     videos["v_bad"] = (5, "testing", -1.0, [])
     write_dataset(tmp_path, videos)
     expect_error(make_cfg(tmp_path), "video 'v_bad'", "'duration'")
+
+
+# --------------------------------------------------------------------------------------------
+# Length buckets (static shapes for trainer.cuda_graphs / trainer.compile)
+
+def fake_items(lengths, dim=8, num_classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i, t in enumerate(lengths):
+        labels = (torch.rand(t, num_classes, generator=g) < 0.3).float()
+        labels[i % t, i % num_classes] = 1.0        # every class has a positive frame somewhere
+        items.append({"features": torch.randn(t, dim, generator=g), "labels": labels,
+                      "loc25_index": (torch.arange(25) * t) // 25,
+                      "loc25_labels": (torch.rand(25, num_classes, generator=g) < 0.4).float(),
+                      "video_id": f"v{i}"})
+    return items
+
+
+def test_bucket_choice(tmp_path):
+    buckets = (64, 128, 256)
+    assert [padded_length(t, buckets) for t in (1, 10, 64, 65, 128, 129, 256, 257, 300, 512, 513)] == \
+        [64, 64, 64, 128, 128, 256, 256, 512, 512, 512, 768]        # past 256: multiples of 256
+    # through the recipe's collate factory, unsorted input is sorted
+    fn = recipe.collate(make_cfg(tmp_path, length_buckets=[256, 64, 128]))
+    assert [fn(fake_items([t]))["mask"].shape[1] for t in (10, 64, 65, 300)] == [64, 64, 128, 512]
+    batch = fn(fake_items([10, 65, 3]))                              # the longest video picks the bucket
+    assert batch["features"].shape == (3, 8, 128) and batch["labels"].shape == (3, 128, 3)
+    assert batch["mask"].sum(1).tolist() == [10, 65, 3]
+    assert batch["features"][:, :, 65:].abs().sum() == 0 and batch["labels"][:, 65:].sum() == 0
+    # the collate must reach DataLoader workers: picklable, and the same after a round trip
+    again = pickle.loads(pickle.dumps(fn))
+    for key in ("features", "mask", "labels", "loc25_index", "loc25_labels"):
+        assert torch.equal(again(fake_items([10, 65, 3]))[key], batch[key])
+
+
+def test_no_buckets_pads_to_batch_max_unless_cuda_graphs(tmp_path):
+    plain = recipe.collate(make_cfg(tmp_path))
+    assert plain is collate
+    assert plain(fake_items([7, 10]))["mask"].shape == (2, 10)
+    auto = recipe.collate(make_cfg(tmp_path, cuda_graphs=True))          # powers of two from 64
+    assert [auto(fake_items([t]))["mask"].shape[1] for t in (1, 10, 64, 65, 300, 513, 1000)] == \
+        [64, 64, 64, 128, 512, 1024, 1024]
+    assert pickle.loads(pickle.dumps(auto))(fake_items([70]))["mask"].shape == (1, 128)
+    explicit = recipe.collate(make_cfg(tmp_path, cuda_graphs=True, length_buckets=[100]))   # explicit wins
+    assert [explicit(fake_items([t]))["mask"].shape[1] for t in (10, 150)] == [100, 200]
+
+
+@pytest.mark.parametrize("value, bad", [([64, 0], "0"), ([-8], "-8"), ([64, 128, 64], "64"), ([True], "True"),
+                                        ([64.5], "64.5")])
+def test_length_buckets_config_error(tmp_path, value, bad):
+    cfg = make_cfg(tmp_path, length_buckets=value)
+    with pytest.raises(ConfigError, match="data.length_buckets") as e:
+        recipe.collate(cfg)
+    assert bad in str(e.value)
+    with pytest.raises(ConfigError, match="data.length_buckets"):   # before any file is read
+        build_datasets(cfg)
+
+
+def test_length_buckets_from_the_command_line():
+    cfg = Config(model=PDANConfig(), data=PDANData(), recipe="pdan")
+    set_value(cfg, "data.length_buckets", "128,64")
+    assert cfg.data.length_buckets == [128, 64]
+    assert recipe.collate(cfg)(fake_items([70]))["mask"].shape == (1, 128)
+    set_value(cfg, "data.length_buckets", "[32, 96]")
+    assert recipe.collate(cfg)(fake_items([70]))["mask"].shape == (1, 96)
+    with pytest.raises(ConfigError, match="data.length_buckets.*abc"):
+        set_value(cfg, "data.length_buckets", "64,abc")
+
+
+def test_bucket_padding_changes_nothing(tmp_path):
+    """The same videos padded to the batch's longest (37) and to a bucket (64 / 128): the logits of
+    valid frames, the loss (value and weight) and every FrameMAP value are the same."""
+    torch.manual_seed(0)
+    k = 4
+    model = PDAN(num_stages=2, num_layers=6, num_channels=16, input_channels=8, num_classes=k).eval()
+    # dilations up to 32 > 37 - 23: taps of every video reach into the padding
+    items = fake_items([23, 37, 5], num_classes=k, seed=1)
+    tight = collate(items)
+    assert tight["mask"].shape == (3, 37)
+    results = []
+    for buckets in ((), (64,), (16, 128)):
+        batch = collate(items, buckets=buckets) if buckets else tight
+        with torch.no_grad():
+            out = model(batch["features"], batch["mask"])
+        metric = FrameMAP()
+        metric.update(out, batch)
+        results.append((batch["mask"].shape[1], out, loss_last_stage(out, batch), loss_all_stages(out, batch),
+                        metric.compute()))
+    (t0, out0, last0, all0, map0) = results[0]
+    assert [r[0] for r in results] == [37, 64, 128]
+    for t, out, last, both, maps in results[1:]:
+        torch.testing.assert_close(out[..., :37], out0, rtol=1e-5, atol=1e-6)   # valid frames (+ shared padding)
+        assert torch.equal(out[..., 37:], torch.zeros_like(out[..., 37:]))     # the extra padding is exactly 0
+        for got, want in ((last, last0), (both, all0)):
+            assert torch.equal(got["weight"], want["weight"]) and got["weight"].item() == 65
+            torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-6, atol=1e-7)
+        assert maps.keys() == map0.keys()
+        for name in maps:
+            assert maps[name] == pytest.approx(map0[name], abs=1e-9), name
+    for name, v in map0.items():
+        assert 0 < v <= 1, name
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ def opt(default: Any, help: str) -> Any:
 # Engine-owned sections. Recipes own `model` and `data` (their data config subclasses DataConfig).
 
 Precision = Literal["32-true", "16-mixed", "bf16-mixed", "bf16-true"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
 
 
 @dataclass
@@ -59,8 +60,8 @@ class TrainerConfig:
     strategy: Literal["ddp", "none"] = opt("ddp", "ddp: wrap in DistributedDataParallel when world size > 1; none: never wrap")
     accumulate_grad_batches: int = opt(1, "micro-batches per optimizer step (DDP sync only on the last one)")
     grad_clip: float = opt(0.0, "clip the global gradient norm to this value (0: off)")
-    compile: bool = opt(False, "torch.compile the inner module (checkpoint keys stay plain)")
-    cuda_graphs: bool = opt(False, "capture the whole training step in a CUDA graph (GPU, static shapes)")
+    compile: Union[bool, CompileMode] = opt(False, "torch.compile the inner module: true (= default) or a mode; checkpoint keys stay plain")
+    cuda_graphs: bool = opt(False, "capture the whole training step (forward, backward, clip, optimizer) in one CUDA graph per batch shape and replay it (GPU, bf16/fp32)")
     seed: int = opt(0, "global seed; rank r seeds its RNGs with seed + r")
     deterministic: bool = opt(False, "torch.use_deterministic_algorithms (slower, reproducible)")
     device: str = opt("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, or cuda")
@@ -129,6 +130,7 @@ class DataConfig:
     num_workers: int = opt(0, "DataLoader worker processes per rank")
     pin_memory: bool = opt(True, "pin host memory for faster copies to the GPU (ignored on CPU)")
     drop_last: bool = opt(False, "drop the last incomplete training batch")
+    device_resident: bool = opt(False, "read every split once into device memory and gather batches there (datasets that fit; augmentation is frozen)")
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
 
 
 class ShardSampler(Sampler[int]):
@@ -114,6 +114,9 @@ class SeededDataset(Dataset):
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
+        # a dataset whose items are a pure function of the index (`random_fetch = False`) skips
+        # the per-batch seeding (~30 us a batch, a noticeable share of a small model's step)
+        self.seeded = getattr(dataset, "random_fetch", True)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -122,19 +125,33 @@ class SeededDataset(Dataset):
         return self.dataset[i]
 
     def __getitems__(self, indices: list[int]) -> list[Any]:
-        seed = getattr(indices, "seed", None)
+        seed = getattr(indices, "seed", None) if self.seeded else None
         if seed is None:
             return [self.dataset[i] for i in indices]
-        saved = torch.get_rng_state()
-        try:
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            # CPU generator only: torch.manual_seed also queues a CUDA seeding call that records a
-            # stack trace each time (1 ms per batch, and a queue that grows) until CUDA initialises.
-            torch.default_generator.manual_seed(seed)
+        with _seeded(seed):
             return [self.dataset[i] for i in indices]
-        finally:
-            torch.set_rng_state(saved)
+
+
+class _seeded:
+    """python, numpy and torch's CPU generator seeded for one batch; torch's state put back after."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self.saved = torch.get_rng_state()
+        random.seed(self.seed)
+        np.random.seed(self.seed % 2**32)
+        # CPU generator only: torch.manual_seed also queues a CUDA seeding call that records a
+        # stack trace each time (1 ms per batch, and a queue that grows) until CUDA initialises.
+        torch.default_generator.manual_seed(self.seed)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_rng_state(self.saved)
+
+
+def _no_collate(batch: Any) -> Any:
+    return batch
 
 
 def load_json(path: str, what: str, error: type[Exception] | None = None) -> Any:
@@ -160,11 +177,48 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(s)
 
 
+class BatchFetch(Dataset):
+    """A dataset read a batch at a time: `dataset.get_batch(indices)` returns the collated batch
+    (TensorDataset: one indexing op per tensor). Per-sample `__getitem__` plus collation can cost
+    more than a small model's step; this is the path that avoids it."""
+
+    def __init__(self, dataset: Dataset, seeded: bool = True) -> None:
+        self.dataset = dataset
+        self.seeded = seeded and getattr(dataset, "random_fetch", True)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, indices: list[int]) -> Any:
+        seed = getattr(indices, "seed", None) if self.seeded else None
+        if seed is None:
+            return self._get(indices)
+        with _seeded(seed):
+            return self._get(indices)
+
+    def _get(self, indices: list[int]) -> Any:
+        ds = self.dataset
+        if isinstance(ds, TensorDataset):
+            index = torch.as_tensor(indices)
+            return [t[index] for t in ds.tensors]
+        return ds.get_batch(indices)  # type: ignore[attr-defined]
+
+
+def fetches_batches(dataset: Any) -> bool:
+    return isinstance(dataset, TensorDataset) or callable(getattr(dataset, "get_batch", None))
+
+
 def build_loader(dataset: Dataset, *, batch_size: int, sampler: ShardSampler, collate_fn: Callable | None,
                  num_workers: int, pin_memory: bool, drop_last: bool, seeded: bool = False) -> DataLoader:
-    """`seeded=True` (training): per-batch seeded fetching, exact on resume (SeededBatchSampler)."""
+    """`seeded=True` (training): per-batch seeded fetching, exact on resume (SeededBatchSampler).
+    Datasets with `get_batch(indices)` (and TensorDataset) are fetched a batch at a time."""
     common = dict(collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin_memory,
                   worker_init_fn=_seed_worker if num_workers else None, persistent_workers=False)
+    if fetches_batches(dataset):
+        common["collate_fn"] = _no_collate
+        batches = SeededBatchSampler(sampler, batch_size, drop_last)
+        gen = torch.Generator().manual_seed(batch_seed(sampler.seed, sampler.rank, -1, -1))
+        return DataLoader(BatchFetch(dataset, seeded), batch_size=None, sampler=batches, generator=gen, **common)
     if seeded:
         # Its own generator: creating the iterator (mid-epoch after a resume) must not draw from
         # the global torch RNG that dropout uses.
@@ -191,8 +245,17 @@ def to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> An
     return map_tensors(batch, lambda t: t.to(device, non_blocking=non_blocking))
 
 
+def tensor_leaves(obj: Any) -> list[torch.Tensor]:
+    """Every tensor inside nested dicts/lists/tuples, depth-first."""
+    out: list[torch.Tensor] = []
+    map_tensors(obj, lambda t: out.append(t) or t)
+    return out
+
+
 def batch_size_of(batch: Any) -> int:
     """Number of samples in a batch: the leading dim of its first tensor (depth-first)."""
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):  # (inputs, target)
+        return batch[0].shape[0] if batch[0].dim() else 1
     stack = [batch]
     while stack:
         obj = stack.pop()
@@ -205,6 +268,62 @@ def batch_size_of(batch: Any) -> int:
     return 1
 
 
+class DeviceLoader:
+    """A split collated once into device memory; each batch is a gather there (no per-batch
+    host work, no copies: what a feature dataset like PDAN's that fits in GPU memory wants).
+
+    Same batches in the same order as `build_loader` with the same sampler, so switching it on
+    changes speed, not results. Caveats: items are read once, so per-sample random augmentation
+    is frozen; collation must give tensors with a leading sample dimension (variable-length
+    items are padded to the longest of the whole split) or lists of per-sample values.
+    """
+
+    on_device = True
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, sampler: ShardSampler, collate_fn: Callable | None,
+                 device: torch.device, drop_last: bool, seeded: bool = False) -> None:
+        self.sampler, self.batch_size, self.drop_last, self.device = sampler, batch_size, drop_last, device
+        self.n = len(dataset)  # type: ignore[arg-type]
+        if fetches_batches(dataset):
+            data = BatchFetch(dataset, seeded=False)._get(list(range(self.n)))
+        else:
+            data = (collate_fn or default_collate)([dataset[i] for i in range(self.n)])
+        self.data = map_tensors(data, lambda t: t.to(device))
+        for t in tensor_leaves(self.data):
+            if t.dim() == 0 or t.shape[0] != self.n:
+                raise ValueError(f"data.device_resident: the collated split has a tensor of shape {list(t.shape)}; "
+                                 f"expected a leading dimension of {self.n} (one row per sample)")
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        idx = list(self.sampler)
+        if not idx:
+            return
+        index = torch.tensor(idx, dtype=torch.long)
+        if self.device.type == "cuda":
+            index = index.pin_memory()
+        index = index.to(self.device, non_blocking=True)  # once per epoch
+        bs = self.batch_size
+        for lo in range(0, len(idx), bs):
+            if lo + bs > len(idx) and self.drop_last:
+                return
+            yield self._gather(self.data, index[lo : lo + bs], idx[lo : lo + bs])
+
+    def _gather(self, obj: Any, sel: torch.Tensor, rows: list[int]) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return obj.index_select(0, sel)
+        if isinstance(obj, dict):
+            return {k: self._gather(v, sel, rows) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            if len(obj) == self.n and not any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
+                return [obj[r] for r in rows]  # per-sample values (ids, names)
+            return type(obj)(self._gather(v, sel, rows) for v in obj)
+        return obj
+
+
 class DevicePrefetcher:
     """Iterate a loader with batch i+1 already on its way to the GPU while step i runs.
 
@@ -215,7 +334,8 @@ class DevicePrefetcher:
 
     def __init__(self, loader: Any, device: torch.device) -> None:
         self.loader, self.device = loader, device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.on_device = getattr(loader, "on_device", False)  # DeviceLoader: nothing to copy
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" and not self.on_device else None
         self.wait_s = 0.0  # host time spent waiting for the loader (throughput logging)
 
     def __len__(self) -> int:
@@ -230,7 +350,7 @@ class DevicePrefetcher:
         finally:
             self.wait_s += time.perf_counter() - t0
         if self.stream is None:
-            return batch if self.device.type == "cpu" else to_device(batch, self.device)
+            return batch if self.device.type == "cpu" or self.on_device else to_device(batch, self.device)
         with torch.cuda.stream(self.stream):
             return to_device(batch, self.device, non_blocking=True)
 

@@ -55,9 +55,10 @@ def init(device: torch.device, timeout_s: float) -> DistEnv:
     if env.world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # TRAINLIB_DIST_BACKEND=gloo lets several processes share one GPU (NCCL refuses that): tests
+        backend = os.environ.get("TRAINLIB_DIST_BACKEND") or ("nccl" if device.type == "cuda" else "gloo")
         kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
-        if device.type == "cuda":
+        if backend == "nccl":
             kwargs["device_id"] = device
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
         if restart not in (None, "0"):

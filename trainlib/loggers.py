@@ -20,7 +20,7 @@ log = logging.getLogger("trainlib")
 
 # Row fields measured with the wall clock: the only ones that differ between a resumed run and an
 # uninterrupted one.
-TIMING_KEYS = frozenset({"steps_per_s", "samples_per_s", "step_ms", "data_wait", "peak_mem_gb"})
+TIMING_KEYS = frozenset({"steps_per_s", "samples_per_s", "step_ms", "data_wait", "peak_mem_gb", "mfu"})
 
 
 def _fmt(v: Any) -> str:

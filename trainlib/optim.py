@@ -77,8 +77,12 @@ class LRSchedule:
         return lr * warm * self.plateau_scale
 
     def _apply(self) -> None:
-        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
-            g["lr"] = self.lr_at(base, self.step_count)
+        self.current = [self.lr_at(base, self.step_count) for base in self.base_lrs]
+        for g, lr in zip(self.optimizer.param_groups, self.current):
+            if isinstance(g["lr"], torch.Tensor):  # a captured step reads its lr from the device
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
 
     def step(self) -> None:
         self.step_count += 1
@@ -100,7 +104,7 @@ class LRSchedule:
 
     @property
     def lrs(self) -> list[float]:
-        return [g["lr"] for g in self.optimizer.param_groups]
+        return list(self.current)  # host floats, also when the optimizer holds device tensors
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "plateau_scale": self.plateau_scale,

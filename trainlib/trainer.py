@@ -26,10 +26,10 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from . import __version__, checkpoint, dist
+from . import __version__, checkpoint, dist, flops, graphs
 from .callbacks import Callback, EarlyStopping, History, LRMonitor, ModelCheckpoint
 from .config import Config, ConfigError, DataConfig, LogConfig, OptimConfig, TrainerConfig, dump_yaml, to_dict
-from .data import DevicePrefetcher, ShardSampler, batch_size_of, build_loader, map_tensors, to_device
+from .data import DeviceLoader, DevicePrefetcher, ShardSampler, batch_size_of, build_loader, map_tensors, to_device
 from .loggers import ConsoleLogger, Logger, build_loggers, log, setup_text_log
 from .metrics import MeanMetric, Metric
 from .optim import LRSchedule, build_optimizer, trainable_params
@@ -115,8 +115,20 @@ class Trainer:
         if self.tc.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.precision = Precision(self.tc.precision, self.device.type)
-        if self.tc.cuda_graphs and self.device.type != "cuda":
-            log.warning("trainer.cuda_graphs=true ignored: CUDA graphs need a GPU; running eagerly")
+        compile_mode = "default" if self.tc.compile is True else (self.tc.compile or "")
+        self.use_graphs = False
+        if self.tc.cuda_graphs:
+            if compile_mode in ("reduce-overhead", "max-autotune"):
+                raise ConfigError(f"trainer.compile={compile_mode} already replays CUDA graphs of the compiled "
+                                  "regions; with trainer.cuda_graphs=true use trainer.compile=true or "
+                                  "max-autotune-no-cudagraphs (the whole step is captured)")
+            reason = graphs.why_not_graphable(self.device, self.tc.precision)
+            if reason:
+                log.warning(f"trainer.cuda_graphs=true ignored: {reason}; running eagerly")
+            self.use_graphs = not reason
+        # reduce-overhead's graph trees need to be told where a step starts, and their outputs are
+        # overwritten by the next replay: losses are cloned in that mode
+        self.mark_compiled_steps = compile_mode in ("reduce-overhead", "max-autotune") and self.device.type == "cuda"
 
         # --- model: device -> dtype -> sync BN -> compile -> DDP ----------------------------------
         self.model = model.to(self.device, dtype=self.precision.param_dtype)
@@ -126,11 +138,18 @@ class Trainer:
                 log.warning("trainer.sync_batchnorm=true ignored: SyncBatchNorm needs GPUs (NCCL)")
             else:
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.compiled = torch.compile(self.model) if self.tc.compile else self.model
+        # compile the inner module (checkpoint keys stay plain), then wrap it in DDP
+        self.compiled = (torch.compile(self.model, mode=None if compile_mode == "default" else compile_mode)
+                         if compile_mode else self.model)
         if use_ddp:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_module = nn.parallel.DistributedDataParallel(
-                self.compiled, device_ids=ids, find_unused_parameters=self.tc.find_unused_parameters)
+            # whole-step capture needs DDP built on a side stream (PyTorch CUDA-graph notes)
+            side = torch.cuda.stream(torch.cuda.Stream(self.device)) if self.use_graphs else contextlib.nullcontext()
+            with side:
+                self.train_module = nn.parallel.DistributedDataParallel(
+                    self.compiled, device_ids=ids, find_unused_parameters=self.tc.find_unused_parameters)
+            if self.use_graphs:
+                torch.cuda.synchronize(self.device)
         else:
             self.train_module = self.compiled
         self.ddp = use_ddp
@@ -170,6 +189,11 @@ class Trainer:
         self.total_steps = total if train_data is not None else 1  # evaluation only: no schedule to run
         self.schedule = LRSchedule(self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch, self.tc.mode)
         self.scaler = self.precision.scaler()
+        self.graphs: graphs.StepGraphs | None = None  # built at the first step (after a checkpoint load)
+        self._weights: dict[float, torch.Tensor] = {}  # device constants for loss weights given as numbers
+        self._part_names: list[str] = []
+        self.peak_flops = flops.peak_flops(self.device)  # None (no MFU) off known GPUs
+        self.flops_per_sample: float | None = None       # counted on the first batch (flops.py)
 
         # --- loop state (everything a checkpoint must restore) -------------------------------------
         self.epoch = 0
@@ -189,6 +213,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _loader(self, ds: Any, batch_size: int, sampler: ShardSampler, drop_last: bool, seeded: bool = False):
+        if self.cfg.data.device_resident:
+            return DeviceLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.collate_fn,
+                                device=self.device, drop_last=drop_last, seeded=seeded)
         return build_loader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.collate_fn,
                             num_workers=self.cfg.data.num_workers,
                             pin_memory=self.cfg.data.pin_memory and self.device.type == "cuda",
@@ -294,7 +321,7 @@ class Trainer:
             "format": checkpoint.FORMAT,
             "version": __version__,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": graphs.plain_optimizer_state(self.optimizer.state_dict()),
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
@@ -433,51 +460,51 @@ class Trainer:
         n = self.train_batches
         self.train_module.train()
         self._emit("on_train_epoch_start")
-        if self.console:
-            self.console.epoch_start(self.epoch, n)
-            self.console.advance(start)
+        console = self.console
+        if console:
+            console.epoch_start(self.epoch, n)
+            console.advance(start)
+        if self.use_graphs and self.graphs is None:
+            graphs.make_capturable(self.optimizer, self.device)
+            self.graphs = graphs.StepGraphs(self._packed_step, self.device, self.ddp)
+        step_end = [cb.on_train_step_end for cb in self.callbacks
+                    if type(cb).on_train_step_end is not Callback.on_train_step_end]
 
         dev = self.device
         if start == 0 or self.acc is None:
             self.acc = self._fresh_accumulators()
         acc = self.acc  # running sums + not-yet-summed micro-batches; checkpointed, so a resumed run logs the same rows
-        window: list[tuple[torch.Tensor, torch.Tensor]] = []
+        every = self.cfg.log.every_n_steps
         t_log, steps_since_log = time.time(), 0
 
         i = start
+        window: list[Any] = []
         prefetcher = DevicePrefetcher(self.loaders["train"], dev)
         samples, wait0 = 0, 0.0
         for batch in prefetcher if start < n else ():
             if i >= n:
                 break
-            batch = self.precision.cast_batch(batch)
-            last_micro = (i + 1) % k == 0 or i + 1 == n
-            sync = contextlib.nullcontext() if (last_micro or not self.ddp) else self.train_module.no_sync()
-            with sync:
-                with self.precision.autocast():
-                    outputs = self.forward_fn(self.train_module, batch)
-                    loss, weight, parts = self._unpack_loss(self.loss_fn(outputs, batch), batch)
-                # One micro-batch, one process: the mean loss already has the right gradient.
-                self.scaler.scale(loss.float() * weight if self.normalise_grads else loss.float()).backward()
-            samples += batch_size_of(batch)
-            item = (loss.detach(), weight)
-            acc["pending"].append((*item, {name: v.detach() for name, v in parts.items()}))
-            window.append(item)
+            window.append(self.precision.cast_batch(batch))
             i += 1
-            if self.console:
-                self.console.advance()
-            if not last_micro:
+            if console:
+                console.advance()
+            if i % k and i != n:  # the step's window is not full yet (the epoch's last may be shorter)
                 continue
 
-            skipped = self._optimizer_step(window)  # device flag (skip mode) or None; no host sync
+            samples += sum(batch_size_of(b) for b in window)
+            if self.peak_flops and self.flops_per_sample is None:
+                self.flops_per_sample = flops.train_flops_per_sample(
+                    self.model, self.forward_fn, window[0], batch_size_of(window[0]), self.precision.autocast())
+            items, skipped = self._run_step(window)  # no host sync
             window = []
+            acc["pending"].extend(items)
             if skipped is not None:
                 acc["skipped"] += skipped
             self.global_step += 1
             self.batch_in_epoch = i
             steps_since_log += 1
 
-            if self.global_step % self.cfg.log.every_n_steps == 0 or i == n:
+            if self.global_step % every == 0 or i == n:
                 # Logging step: the only host syncs of the loop (.item(), cross-rank reduce).
                 self._fold()
                 names = sorted(acc["parts"])
@@ -502,6 +529,8 @@ class Trainer:
                 row["data_wait"] = (prefetcher.wait_s - wait0) / elapsed  # share of wall time waiting for data
                 if dev.type == "cuda":
                     row["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30  # allocator stats: no sync
+                if self.flops_per_sample:  # model FLOPs utilisation against the GPU's dense bf16 peak
+                    row["mfu"] = self.flops_per_sample * row["samples_per_s"] / self.env.world_size / self.peak_flops
                 samples, wait0 = 0, prefetcher.wait_s
                 self._emit("on_train_log", row)
                 self._log_row(row)
@@ -522,7 +551,8 @@ class Trainer:
                 self.preempt_signal = self.signals.signum
             if self.preempt_signal:
                 break
-            self._emit("on_train_step_end")
+            for fn in step_end:
+                fn(self)
             if self.should_stop or 0 < tc.max_steps <= self.global_step:
                 break
 
@@ -535,7 +565,8 @@ class Trainer:
     def _fresh_accumulators(self) -> dict:
         """sums: epoch loss*weight, epoch weight, window loss*weight, window weight, window non-finite
         micro-batches; skipped: skipped steps in the window; parts: logged loss parts; pending:
-        micro-batches not summed yet (summed in one go on logging steps: no per-step tensor ops)."""
+        (loss, weight, parts) of steps not summed yet, scalars or one entry per micro-batch (summed
+        in one go on logging steps: no per-step tensor ops)."""
         z = torch.zeros(5, device=self.device, dtype=torch.float64)
         return {"sums": z, "skipped": torch.zeros((), device=self.device), "parts": {}, "pending": []}
 
@@ -545,15 +576,63 @@ class Trainer:
         pend = acc["pending"]
         if not pend:
             return
-        ws = torch.stack([p[1] for p in pend]).double()
-        contrib = torch.stack([p[0] for p in pend]).double() * ws
+        ws = torch.cat([p[1].reshape(-1) for p in pend]).double()
+        contrib = torch.cat([p[0].reshape(-1) for p in pend]).double() * ws
         ok = torch.isfinite(contrib)
         c, w = torch.where(ok, contrib, 0).sum(), torch.where(ok, ws, 0).sum()
         acc["sums"] += torch.stack((c, w, c, w, (~ok).sum().double()))
         for name in pend[0][2]:
-            v = torch.stack([p[2][name] for p in pend]).double() * ws
+            v = torch.cat([p[2][name].reshape(-1) for p in pend]).double() * ws
             acc["parts"][name] = acc["parts"].get(name, 0) + torch.where(ok, v, 0).sum()
         pend.clear()
+
+    # ---------------------------------------------------------------------------- one step
+    def _run_step(self, batches: list[Any]) -> tuple[list[tuple], torch.Tensor | None]:
+        """One optimizer step over `batches` (its micro-batches), eager or as a replayed CUDA
+        graph. Returns the (loss, weight, parts) items to log and the "skipped" device flag
+        (trainer.nonfinite=skip; else None). No host sync."""
+        if self.graphs is not None:
+            packed = self.graphs(batches)
+            k, names = len(batches), self._part_names
+            items = [(packed[:k], packed[k:2 * k], {p: packed[(2 + j) * k:(3 + j) * k] for j, p in enumerate(names)})]
+            skipped = packed[-1] if self.tc.nonfinite == "skip" else None
+        else:
+            items, skipped = self._device_step(batches)
+        self.schedule.step()  # host math; fills the device lr tensor a captured step reads
+        return items, skipped
+
+    def _device_step(self, batches: list[Any]) -> tuple[list[tuple], torch.Tensor | None]:
+        """Forward/backward of every micro-batch (DDP syncs on the last only), then the optimizer
+        step. Device work only, so it can be captured in a CUDA graph."""
+        items = []
+        last = len(batches) - 1
+        for j, batch in enumerate(batches):
+            sync = self.train_module.no_sync() if self.ddp and j < last else contextlib.nullcontext()
+            with sync:
+                if self.mark_compiled_steps:
+                    torch.compiler.cudagraph_mark_step_begin()
+                with self.precision.autocast():
+                    outputs = self.forward_fn(self.train_module, batch)
+                    loss, weight, parts = self._unpack_loss(self.loss_fn(outputs, batch), batch)
+                # One micro-batch, one process: the mean loss already has the right gradient.
+                self.scaler.scale(loss.float() * weight if self.normalise_grads else loss.float()).backward()
+            loss = loss.detach()
+            parts = {name: v.detach() for name, v in parts.items()}
+            if self.mark_compiled_steps:  # graph-tree outputs are overwritten by the next replay
+                loss, parts = loss.clone(), {name: v.clone() for name, v in parts.items()}
+            items.append((loss, weight, parts))
+        return items, self._optimizer_step(items)
+
+    def _packed_step(self, batches: list[Any]) -> torch.Tensor:
+        """_device_step with its results in one 1-D tensor (a graph's single output):
+        [losses(k), weights(k), each part(k) in sorted name order, skipped flag (skip mode)]."""
+        items, skipped = self._device_step(batches)
+        self._part_names = names = sorted(items[0][2])
+        cols = [torch.stack([it[0].float() for it in items]), torch.stack([it[1] for it in items])]
+        cols += [torch.stack([it[2][p].float() for it in items]) for p in names]
+        if skipped is not None:
+            cols.append(skipped.float().view(1))
+        return torch.cat(cols)
 
     def _unpack_loss(self, out: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
         if isinstance(out, dict):
@@ -566,22 +645,28 @@ class Trainer:
             loss, weight, parts = out, None, {}
         if weight is None:
             weight = batch_size_of(batch)
-        weight = torch.as_tensor(weight, dtype=torch.float32, device=loss.device)
+        if isinstance(weight, torch.Tensor):
+            weight = weight.to(device=loss.device, dtype=torch.float32, non_blocking=True)
+        else:  # a number: a cached device constant (creating a CUDA tensor from a number syncs the host)
+            w = self._weights.get(weight)
+            if w is None:
+                w = self._weights[weight] = torch.full((), float(weight), dtype=torch.float32, device=loss.device)
+            weight = w
         return loss, weight, parts
 
-    def _optimizer_step(self, window: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
-        """Normalise by the global weight, unscale, clip, step. Returns the device flag "this step was
-        skipped" when trainer.nonfinite=skip (else None). No host sync (fp16's scaler with a
-        non-fused optimizer excepted)."""
+    def _optimizer_step(self, window: list[tuple]) -> torch.Tensor | None:
+        """Normalise by the global weight, unscale, clip, step, zero_grad. Returns the device flag
+        "this step was skipped" when trainer.nonfinite=skip (else None). No host sync (fp16's
+        scaler with a non-fused optimizer excepted)."""
         skip = self.tc.nonfinite == "skip"
         total = bad = None
         if self.normalise_grads or skip:
             parts = []
             if self.normalise_grads:
-                total = torch.stack([w for _, w in window]).sum()
+                total = torch.stack([it[1] for it in window]).sum()
                 parts.append(total)
             if skip:
-                bad = (~torch.isfinite(torch.stack([l.float() for l, _ in window]))).any().float()
+                bad = (~torch.isfinite(torch.stack([it[0].float() for it in window]))).any().float()
                 parts.append(bad)
             if self.env.distributed:
                 stats = torch.stack(parts)
@@ -603,7 +688,6 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.schedule.step()
         return bad
 
     # ---------------------------------------------------------------------------- evaluation

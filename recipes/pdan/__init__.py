@@ -15,16 +15,16 @@ import torch.nn.functional as F
 
 from trainlib.recipe import Recipe
 
-from .data import (DataError, PDANData, build_datasets, collate, frame_labels, loc25_points,
-                   resolved_input_channels)
+from .data import (DataError, PDANData, build_collate, build_datasets, collate, frame_labels, length_buckets,
+                   loc25_points, padded_length, resolved_input_channels)
 from .metrics import FrameMAP, average_precision
 from .model import DAL, PDAN, PDANConfig
 from .synthetic import DEMO
 from .synthetic import make_synthetic as write_synthetic
 
 __all__ = ["recipe", "PDAN", "PDANConfig", "PDANData", "FrameMAP", "DAL", "DataError", "build_model",
-           "build_datasets", "build_loss", "collate", "forward", "loss_last_stage",
-           "loss_all_stages", "make_synthetic", "resolved_input_channels",
+           "build_datasets", "build_loss", "build_collate", "collate", "length_buckets", "padded_length",
+           "forward", "loss_last_stage", "loss_all_stages", "make_synthetic", "resolved_input_channels",
            "frame_labels", "loc25_points", "average_precision", "write_synthetic"]
 
 
@@ -81,7 +81,7 @@ recipe = Recipe(
     build_loss=build_loss,
     metrics=lambda cfg: [FrameMAP()],
     forward=forward,
-    collate=lambda cfg: collate,
+    collate=build_collate,
     make_synthetic=make_synthetic,
     defaults={"optim.name": "adamw", "optim.lr": 1e-4, "optim.scheduler": "cosine",
               "trainer.max_epochs": 50, "trainer.monitor": "val/map", "trainer.mode": "max"},

@@ -16,11 +16,12 @@ naming the file or key and what was expected.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -31,8 +32,7 @@ from trainlib.data import load_json
 SUBSETS = {"train": "training", "val": "testing", "test": "testing"}
 NUM_LOC_POINTS = 25
 _MAX_LISTED = 5
-
-
+AUTO_BUCKET_MIN = 64  # trainer.cuda_graphs with no data.length_buckets: pad to 64, 128, 256, ... frames
 
 
 @dataclass
@@ -41,6 +41,10 @@ class PDANData(DataConfig):
     annotations: str = opt("", "charades.json path; empty: <root>/charades.json")
     mode: Literal["rgb", "flow", "skeleton"] = opt("rgb", "feature type (sets the input size when model.input_channels=-1)")
     skip_missing: bool = opt(False, "skip videos whose .npy is missing (as the original loader does) instead of failing")
+    length_buckets: list[int] = opt([], "pad each batch's time axis up to the smallest of these frame counts that fits its "
+                                        "longest video (static shapes for trainer.cuda_graphs / trainer.compile: one graph "
+                                        "per bucket); a longer batch is padded to a multiple of the largest; empty: powers "
+                                        "of two from 64 when trainer.cuda_graphs=true, else the batch's longest video")
 
 
 def resolved_input_channels(cfg: Any) -> int:
@@ -227,10 +231,44 @@ class CharadesFeatures(torch.utils.data.Dataset):
         }
 
 
-def collate(items: list[dict]) -> dict:
-    """Pad to the longest video: features [B, C, T], mask [B, T], labels [B, T, K], loc25_*."""
+def length_buckets(cfg: Any) -> tuple[int, ...]:
+    """data.length_buckets checked and sorted; ConfigError naming the key and the bad value."""
+    raw = cfg.data.length_buckets
+    key = "config key 'data.length_buckets'"
+    if not isinstance(raw, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list of positive frame counts, got {raw!r}")
+    for b in raw:
+        if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+            raise ConfigError(f"{key}: expected positive integer frame counts, got {b!r} in {list(raw)!r}")
+    buckets = tuple(sorted(raw))
+    for lo, hi in zip(buckets, buckets[1:]):
+        if lo == hi:
+            raise ConfigError(f"{key}: expected distinct frame counts, got {lo!r} twice in {list(raw)!r}")
+    return buckets
+
+
+def padded_length(t: int, buckets: Sequence[int] = (), pow2_from: int = 0) -> int:
+    """Time length a batch whose longest video has `t` frames is padded to.
+
+    buckets (sorted): the smallest bucket >= t, or the next multiple of the largest bucket when t
+    exceeds it. Else pow2_from > 0: the smallest power of two >= max(t, pow2_from). Else t.
+    """
+    if buckets:
+        for b in buckets:
+            if b >= t:
+                return b
+        top = buckets[-1]
+        return -(-t // top) * top
+    if pow2_from > 0:
+        return max(pow2_from, 1 << (max(t, 1) - 1).bit_length())
+    return t
+
+
+def collate(items: list[dict], buckets: Sequence[int] = (), pow2_from: int = 0) -> dict:
+    """Pad to the longest video (or up to its bucket, see padded_length): features [B, C, T],
+    mask [B, T], labels [B, T, K], loc25_*. Padded frames have mask 0, features 0, labels 0."""
     b = len(items)
-    t_max = max(it["features"].shape[0] for it in items)
+    t_max = padded_length(max(it["features"].shape[0] for it in items), buckets, pow2_from)
     c = items[0]["features"].shape[1]
     k = items[0]["labels"].shape[1]
     features = torch.zeros(b, c, t_max)
@@ -251,12 +289,25 @@ def collate(items: list[dict]) -> dict:
     }
 
 
+def build_collate(cfg: Any) -> Callable[[list[dict]], dict]:
+    """The collate for cfg: bound to data.length_buckets, or to powers of two from 64 when the
+    list is empty and trainer.cuda_graphs is on, or plain `collate` (pad to the batch's longest).
+    A functools.partial of a module-level function, so DataLoader workers can pickle it."""
+    buckets = length_buckets(cfg)
+    if buckets:
+        return functools.partial(collate, buckets=buckets)
+    if getattr(getattr(cfg, "trainer", None), "cuda_graphs", False):
+        return functools.partial(collate, pow2_from=AUTO_BUCKET_MIN)
+    return collate
+
+
 def annotation_path(cfg: Any) -> str:
     return cfg.data.annotations or os.path.join(cfg.data.root, "charades.json")
 
 
 def build_datasets(cfg: Any) -> dict:
     """{"train": training subset, "val" and "test": testing subset (PDAN validates on it)}."""
+    length_buckets(cfg)  # a bad data.length_buckets fails before any file is read
     root = cfg.data.root
     if not root:
         raise DataError("data.root is empty: set data.root=<folder of <video_id>.npy files>")

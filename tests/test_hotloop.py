@@ -1,0 +1,214 @@
+"""The hot loop on CPU: no host-sync calls outside logging steps, the device-resident and
+batch-at-a-time data paths give the same training as the per-sample DataLoader, compile modes
+(also under 2-process DDP), and the CUDA-graph settings that must refuse or fall back clearly."""
+import logging
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils.data import Dataset, TensorDataset
+
+from tests.conftest import torchrun
+from tests.toy import ToyData, make_trainer
+from trainlib import ConfigError
+from trainlib.callbacks import Callback
+from trainlib.data import DeviceLoader, ShardSampler, build_loader
+from trainlib.graphs import plain_optimizer_state
+from trainlib.optim import LRSchedule
+from trainlib.config import OptimConfig
+
+SYNCS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "nonzero",
+         "synchronize", "_local_scalar_dense"}
+
+
+class _SyncSpy(TorchFunctionMode):
+    """Records every tensor->host conversion (each one is a device sync on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed, self.hits = False, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if self.armed and name in SYNCS:
+            import traceback
+            self.hits.append((name, "".join(traceback.format_stack(limit=6)[:-1])))
+        return func(*args, **(kwargs or {}))
+
+
+class _Arm(Callback):
+    """Arms the spy after each non-final step of an epoch; the logging step's first act (_fold) disarms it."""
+
+    def __init__(self, spy: _SyncSpy) -> None:
+        self.spy = spy
+
+    def on_train_step_end(self, t) -> None:
+        self.spy.armed = t.batch_in_epoch < t.train_batches
+
+
+@pytest.mark.parametrize("extra", [[], ["trainer.accumulate_grad_batches=2", "trainer.nonfinite=skip",
+                                        "trainer.grad_clip=1.0", "optim.name=adamw", "optim.scheduler=cosine"]])
+def test_no_host_sync_outside_logging_steps(tmp_path, extra):
+    spy = _SyncSpy()
+    t = make_trainer([f"trainer.out_dir={tmp_path}", "trainer.max_epochs=2", "log.every_n_steps=5",
+                      "trainer.save_top_k=0", "trainer.save_last=false", *extra], callbacks=[_Arm(spy)])
+    fold = t._fold
+
+    def fold_and_disarm():
+        spy.armed = False  # logging step: syncs allowed from here
+        fold()
+
+    t._fold = fold_and_disarm
+    with spy:
+        t.fit()
+    assert t.global_step >= 10
+    assert not spy.hits, "host sync in a non-logging step:\n" + "\n".join(f"{n}:\n{s}" for n, s in spy.hits[:3])
+
+
+def test_the_sync_spy_catches_a_sync_in_the_loss(tmp_path):
+    """The check above can fail: a loss that calls .item() is caught."""
+    from tests.toy import masked_mse
+
+    def syncing_loss(out, batch):
+        r = masked_mse(out, batch)
+        r["weight"] = float(r["weight"].item())
+        return r
+
+    spy = _SyncSpy()
+    t = make_trainer([f"trainer.out_dir={tmp_path}", "trainer.max_epochs=1", "log.every_n_steps=5",
+                      "trainer.save_top_k=0", "trainer.save_last=false"], callbacks=[_Arm(spy)])
+    t.loss_fn = syncing_loss
+    with spy:
+        t.fit()
+    assert any(name in ("item", "_local_scalar_dense") for name, _ in spy.hits)
+
+
+class _PlainDataset(Dataset):
+    """The same samples as a TensorDataset, fetched one by one (the DataLoader's default path)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def _fit_weights(tmp_path, name, ds, overrides=()):
+    from torch import nn
+    from trainlib import DataConfig, OptimConfig, Trainer, TrainerConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    cfg = TrainerConfig(max_epochs=3, out_dir=str(tmp_path), run_name=name, save_top_k=0, save_last=False,
+                        export=False, device="cpu")
+    data = DataConfig(batch_size=7, drop_last=False)
+    for o in overrides:
+        k, v = o.split("=")
+        setattr(data, k, v == "true")
+    t = Trainer(model, lambda out, b: nn.functional.cross_entropy(out, b[1]), ds, ds, config=cfg,
+                optim=OptimConfig(name="adamw", lr=0.01), data=data)
+    t.fit()
+    return {k: v.clone() for k, v in t.model.state_dict().items()}, t
+
+
+def test_batch_fetch_and_device_resident_data_train_exactly_like_per_sample_loading(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 5, generator=g), torch.randint(0, 3, (60,), generator=g)
+    base, _ = _fit_weights(tmp_path, "plain", _PlainDataset(x, y))
+    batched, tb = _fit_weights(tmp_path, "batched", TensorDataset(x, y))
+    resident, tr = _fit_weights(tmp_path, "resident", _PlainDataset(x, y), ["device_resident=true"])
+    assert type(tb.loaders["train"].dataset).__name__ == "BatchFetch"
+    assert isinstance(tr.loaders["train"], DeviceLoader) and isinstance(tr.loaders["val"], DeviceLoader)
+    init = torch.nn.Sequential(torch.nn.Linear(5, 16))
+    assert not torch.equal(base["0.weight"], init[0].weight)  # it trained
+    for k in base:
+        assert torch.equal(base[k], batched[k]), k
+        assert torch.equal(base[k], resident[k]), k
+
+
+def test_device_loader_batches_equal_dataloader_batches_with_ids_and_shards():
+    ds = ToyData(23)
+    for rank in (0, 1):
+        s1 = ShardSampler(len(ds), rank, 2, shuffle=True, seed=5)
+        s2 = ShardSampler(len(ds), rank, 2, shuffle=True, seed=5)
+        s1.set_epoch(2), s2.set_epoch(2)
+        a = list(build_loader(ds, batch_size=4, sampler=s1, collate_fn=None, num_workers=0, pin_memory=False,
+                              drop_last=False, seeded=True))
+        b = list(DeviceLoader(ds, batch_size=4, sampler=s2, collate_fn=None, device=torch.device("cpu"),
+                              drop_last=False, seeded=True))
+        assert len(a) == len(b) == 3
+        for p, q in zip(a, b):
+            assert p.keys() == q.keys()
+            for k in p:
+                assert torch.equal(p[k], q[k]), k
+
+
+def test_device_loader_refuses_a_collate_without_a_sample_dimension():
+    class Odd(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.ones(2)
+
+    with pytest.raises(ValueError, match=r"data.device_resident: .* leading dimension of 4"):
+        DeviceLoader(Odd(), batch_size=2, sampler=ShardSampler(4), collate_fn=lambda items: torch.ones(3),
+                     device=torch.device("cpu"), drop_last=False)
+
+
+def test_lr_schedule_fills_a_device_lr_tensor_and_checkpoints_plain_floats():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    sched = LRSchedule(opt, OptimConfig(lr=0.1, scheduler="cosine"), total_steps=10, steps_per_epoch=10)
+    lr_tensor = torch.tensor(0.1)
+    opt.param_groups[0]["lr"] = lr_tensor
+    opt.param_groups[0]["capturable"] = True
+    for _ in range(5):
+        sched.step()
+    assert opt.param_groups[0]["lr"] is lr_tensor  # filled in place: a captured step keeps reading it
+    assert lr_tensor.item() == pytest.approx(0.05, rel=1e-6) == sched.lrs[0]
+    plain = plain_optimizer_state(opt.state_dict())
+    assert plain["param_groups"][0]["lr"] == pytest.approx(0.05) and isinstance(plain["param_groups"][0]["lr"], float)
+    assert plain["param_groups"][0]["capturable"] is False
+    assert opt.param_groups[0]["capturable"] is True  # the live optimizer is untouched
+
+
+def test_cuda_graphs_refuse_reduce_overhead_and_fall_back_on_cpu(tmp_path, caplog):
+    with pytest.raises(ConfigError, match="trainer.compile=reduce-overhead already replays CUDA graphs"):
+        make_trainer([f"trainer.out_dir={tmp_path}", "trainer.cuda_graphs=true", "trainer.compile=reduce-overhead"])
+    with caplog.at_level(logging.WARNING, logger="trainlib"):
+        t = make_trainer([f"trainer.out_dir={tmp_path}", "trainer.cuda_graphs=true", "trainer.max_epochs=1"])
+    assert "trainer.cuda_graphs=true ignored: CUDA graphs need a GPU; running eagerly" in caplog.text
+    assert not t.use_graphs
+    t.fit()
+    assert t.graphs is None and t.global_step > 0
+
+
+def test_compile_under_two_process_ddp_matches_eager(tmp_path):
+    """torch.compile (inductor on CPU) of the inner module, wrapped in DDP over gloo."""
+    common = ["tests/toy.py"]
+    flags = ["trainer.max_epochs=2", "data.batch_size=8", "trainer.save_top_k=0"]
+    r = torchrun(2, common + [str(tmp_path / "eager"), f"trainer.out_dir={tmp_path}/re", *flags], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(2, common + [str(tmp_path / "comp"), f"trainer.out_dir={tmp_path}/rc", "trainer.compile=true",
+                              *flags], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = torch.load(tmp_path / "eager" / "weights.pt")
+    b = torch.load(tmp_path / "comp" / "weights.pt")
+    for k in a:
+        assert "_orig_mod" not in k
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), f"{k}: {(a[k] - b[k]).abs().max()}"
+
+
+def test_flop_count_of_a_linear_model_is_three_forwards():
+    from trainlib.flops import peak_flops, train_flops_per_sample
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    batch = (torch.randn(8, 64), torch.zeros(8))
+    per_sample = train_flops_per_sample(model, lambda m, b: m(b[0]), batch, 8)
+    assert per_sample == 3 * 2 * (64 * 32 + 32 * 10)
+    assert model.training  # put back
+    assert peak_flops(torch.device("cpu")) is None  # no MFU on a CPU
