@@ -7,6 +7,7 @@ samples it already consumed instead of replaying batches.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -64,17 +65,20 @@ class ShardSampler(Sampler[int]):
 
 
 class SeededBatch(list):
-    """A batch of indices that carries the seed its samples are drawn with."""
+    """A batch of indices that carries the seed its samples are drawn with (hashed on first use:
+    datasets that draw nothing never pay for it)."""
 
-    def __init__(self, indices: list[int], seed: int) -> None:
+    def __init__(self, indices: list[int], key: tuple[int, int, int, int]) -> None:
         super().__init__(indices)
-        self.seed = seed
+        self.key = key
+
+    @property
+    def seed(self) -> int:
+        return batch_seed(*self.key)
 
 
 def batch_seed(seed: int, rank: int, epoch: int, batch: int) -> int:
     """A stable 63-bit seed for one batch (the same in every process and every run)."""
-    import hashlib
-
     digest = hashlib.blake2b(f"{seed}/{rank}/{epoch}/{batch}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
@@ -99,7 +103,7 @@ class SeededBatchSampler(Sampler[SeededBatch]):
             chunk = idx[lo : lo + bs]
             if len(chunk) < bs and self.drop_last:
                 return
-            yield SeededBatch(chunk, batch_seed(s.seed, s.rank, s.epoch, first + b))
+            yield SeededBatch(chunk, (s.seed, s.rank, s.epoch, first + b))
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -341,6 +345,18 @@ class DevicePrefetcher:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def _plain(self) -> Iterator[Any]:
+        """Batches that need no copy (CPU, or already on the device): just time the waits."""
+        clock, it = time.perf_counter, iter(self.loader)
+        while True:
+            t0 = clock()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.wait_s += clock() - t0
+            yield batch
+
     def _load(self, it: Iterator) -> Any:
         t0 = time.perf_counter()
         try:
@@ -355,6 +371,9 @@ class DevicePrefetcher:
             return to_device(batch, self.device, non_blocking=True)
 
     def __iter__(self) -> Iterator[Any]:
+        if self.stream is None and (self.device.type == "cpu" or self.on_device):
+            yield from self._plain()
+            return
         it = iter(self.loader)
         nxt = self._load(it)
         while nxt is not StopIteration:

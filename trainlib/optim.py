@@ -53,6 +53,8 @@ class LRSchedule:
         for g, base in zip(optimizer.param_groups, self.base_lrs):
             g["initial_lr"] = base
         self.step_count = 0
+        # no shape to follow once warmed up (the plateau decay re-applies itself): step() skips the work
+        self.constant = cfg.scheduler in ("none", "plateau")
         self.plateau_scale = 1.0
         self.plateau_best: float | None = None
         self.plateau_bad = 0
@@ -86,7 +88,8 @@ class LRSchedule:
 
     def step(self) -> None:
         self.step_count += 1
-        self._apply()
+        if not self.constant or self.step_count <= self.cfg.warmup_steps:
+            self._apply()
 
     def on_validation(self, value: float) -> None:
         """Plateau: decay after `plateau_patience` validations without improvement."""

@@ -30,10 +30,11 @@ class Precision:
     def uses_scaler(self) -> bool:
         return self.name == "16-mixed"
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self, cache: bool = True) -> contextlib.AbstractContextManager:
+        """cache=False for CUDA-graph capture (the weight-cast cache must not outlive a capture)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype, cache_enabled=cache)
 
     def scaler(self) -> torch.amp.GradScaler:
         """A GradScaler that is a no-op unless precision is 16-mixed (so its state is always saved)."""

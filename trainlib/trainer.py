@@ -37,6 +37,9 @@ from .precision import Precision
 from .preemption import Preempted, SignalFlag
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+
+
 def default_forward(model: nn.Module, batch: Any) -> Any:
     """(inputs, target) tuples -> model(inputs); anything else -> model(batch)."""
     if isinstance(batch, (list, tuple)):
@@ -189,6 +192,8 @@ class Trainer:
         self.total_steps = total if train_data is not None else 1  # evaluation only: no schedule to run
         self.schedule = LRSchedule(self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch, self.tc.mode)
         self.scaler = self.precision.scaler()
+        # one context object, re-entered every micro-batch
+        self._autocast = self.precision.autocast(cache=not self.use_graphs)
         self.graphs: graphs.StepGraphs | None = None  # built at the first step (after a checkpoint load)
         self._weights: dict[float, torch.Tensor] = {}  # device constants for loss weights given as numbers
         self._part_names: list[str] = []
@@ -479,19 +484,21 @@ class Trainer:
 
         i = start
         window: list[Any] = []
+        cast = self.precision.cast_batch if self.precision.param_dtype != torch.float32 else None
+        one_process = not self.env.distributed
         prefetcher = DevicePrefetcher(self.loaders["train"], dev)
         samples, wait0 = 0, 0.0
         for batch in prefetcher if start < n else ():
             if i >= n:
                 break
-            window.append(self.precision.cast_batch(batch))
+            window.append(cast(batch) if cast else batch)
             i += 1
             if console:
                 console.advance()
             if i % k and i != n:  # the step's window is not full yet (the epoch's last may be shorter)
                 continue
 
-            samples += sum(batch_size_of(b) for b in window)
+            samples += batch_size_of(window[0]) if k == 1 else sum(batch_size_of(b) for b in window)
             if self.peak_flops and self.flops_per_sample is None:
                 self.flops_per_sample = flops.train_flops_per_sample(
                     self.model, self.forward_fn, window[0], batch_size_of(window[0]), self.precision.autocast())
@@ -547,7 +554,7 @@ class Trainer:
                     over = dist.any_true(time.time() - t_start >= self.max_seconds, dev)  # host sync (logging step)
                     if over:
                         self.request_stop(f"trainer.max_time={tc.max_time} reached")
-            if not self.env.distributed and self.signals.signum:  # one process: no agreement needed
+            if one_process and self.signals.signum:  # one process: no agreement needed
                 self.preempt_signal = self.signals.signum
             if self.preempt_signal:
                 break
@@ -606,18 +613,21 @@ class Trainer:
         step. Device work only, so it can be captured in a CUDA graph."""
         items = []
         last = len(batches) - 1
+        scaler = self.scaler if self.scaler.is_enabled() else None
         for j, batch in enumerate(batches):
-            sync = self.train_module.no_sync() if self.ddp and j < last else contextlib.nullcontext()
-            with sync:
+            with self.train_module.no_sync() if self.ddp and j < last else _NO_CONTEXT:
                 if self.mark_compiled_steps:
                     torch.compiler.cudagraph_mark_step_begin()
-                with self.precision.autocast():
+                with self._autocast:
                     outputs = self.forward_fn(self.train_module, batch)
                     loss, weight, parts = self._unpack_loss(self.loss_fn(outputs, batch), batch)
-                # One micro-batch, one process: the mean loss already has the right gradient.
-                self.scaler.scale(loss.float() * weight if self.normalise_grads else loss.float()).backward()
+                objective = loss if loss.dtype == torch.float32 else loss.float()
+                if self.normalise_grads:  # (one micro-batch, one process: the mean already has the right gradient)
+                    objective = objective * weight
+                (scaler.scale(objective) if scaler else objective).backward()
             loss = loss.detach()
-            parts = {name: v.detach() for name, v in parts.items()}
+            if parts:
+                parts = {name: v.detach() for name, v in parts.items()}
             if self.mark_compiled_steps:  # graph-tree outputs are overwritten by the next replay
                 loss, parts = loss.clone(), {name: v.clone() for name, v in parts.items()}
             items.append((loss, weight, parts))
@@ -635,7 +645,9 @@ class Trainer:
         return torch.cat(cols)
 
     def _unpack_loss(self, out: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        if isinstance(out, dict):
+        if isinstance(out, torch.Tensor):
+            loss, weight, parts = out, None, {}
+        elif isinstance(out, dict):
             if "loss" not in out:
                 raise ConfigError("the loss function returned a dict without a 'loss' entry")
             parts = {k: v for k, v in out.items() if k not in ("loss", "weight") and isinstance(v, torch.Tensor)}
@@ -673,7 +685,9 @@ class Trainer:
                 torch_dist.all_reduce(stats)  # device-side; DDP already averaged the gradients over ranks
                 total = stats[0] if self.normalise_grads else None
                 bad = (stats[-1] > 0).float() if skip else None
-        self.scaler.unscale_(self.optimizer)
+        scaler = self.scaler if self.scaler.is_enabled() else None
+        if scaler:
+            scaler.unscale_(self.optimizer)
         params = self._params
         if total is not None:
             grads = [p.grad for p in params if p.grad is not None]
@@ -683,10 +697,13 @@ class Trainer:
             norm = nn.utils.clip_grad_norm_(params, self.tc.grad_clip)
             if bad is not None:
                 bad = torch.maximum(bad, (~torch.isfinite(norm)).float())
-        if bad is not None and self.device_skip and not self.scaler.is_enabled():
+        if bad is not None and self.device_skip and not scaler:
             self.optimizer.grad_scale, self.optimizer.found_inf = None, bad  # fused step: skipped on device
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if scaler:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return bad
 
