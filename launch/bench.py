@@ -12,7 +12,7 @@ anything: absolute times move between runs on a shared machine.
 
 Variants (names are matched by --variants, a comma-separated list of substrings):
   hand-written loop            DataLoader -> .to(device) -> forward/loss/backward -> AdamW.step
-  hand-written, fused          the same with AdamW(fused=True), the optimizer kernel trainlib uses
+  hand-written fused           the same with AdamW(fused=True), the optimizer kernel trainlib uses
   hand-written graph           GPU: batches pre-loaded on the GPU, capturable fused AdamW, forward +
                                loss + backward + step captured in one torch.cuda.CUDAGraph, replayed
   hand-written compile+graph   GPU: the same with the model wrapped in torch.compile before capture
@@ -105,9 +105,33 @@ def r2plus1d_workload(batch: int, steps: int) -> Workload:
     return Workload(model, TensorDataset(x, y), loss, lambda m, b: m(b[0]))
 
 
+class _Segmentation(Dataset):
+    """512x512 images with 35-class pixel labels (255 = ignore on a border), as the SegFormer recipe reads them."""
+
+    def __init__(self, n: int, size: int = 512, k: int = 35) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, size, size, generator=g)
+        self.y = torch.randint(0, k, (n, size, size), generator=g)
+        self.y[:, :4] = 255
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def segformer_workload(batch: int, steps: int) -> Workload:
+    """The SegFormer recipe's own MiT-b0 + decode head (PERF_ANCHORS: B=8, 512x512, 35 classes)."""
+    from recipes.segformer import SegFormer, SegFormerConfig, forward, loss
+
+    model = lambda: SegFormer.from_config(SegFormerConfig(variant="b0", num_labels=35))  # noqa: E731
+    return Workload(model, _Segmentation(2 * batch), loss, forward)
+
+
 WORKLOADS: dict[str, Callable[[int, int], Workload]] = {
-    "mlp": mlp_workload, "pdan": pdan_workload, "r2plus1d": r2plus1d_workload}
-DEFAULT_BATCH = {"mlp": 32, "pdan": 8, "r2plus1d": 8}
+    "mlp": mlp_workload, "pdan": pdan_workload, "r2plus1d": r2plus1d_workload, "segformer": segformer_workload}
+DEFAULT_BATCH = {"mlp": 32, "pdan": 8, "r2plus1d": 8, "segformer": 8}
 PRECISIONS = ("32-true", "bf16-mixed")  # what every variant (hand-written, trainlib, Lightning) can run
 
 
@@ -348,7 +372,7 @@ def all_variants(device: torch.device) -> dict[str, Callable[[Workload, Run], li
     v: dict[str, Callable[[Workload, Run], list[float]]] = {
         "hand-written loop": hand_written,
         # the same loop with the fused AdamW trainlib uses: isolates the engine's own overhead
-        "hand-written, fused": lambda w, r: hand_written(w, r, fused=True),
+        "hand-written fused": lambda w, r: hand_written(w, r, fused=True),
     }
     if device.type == "cuda":
         v["hand-written graph"] = lambda w, r: hand_graphed(w, r, compile_model=False)

@@ -12,6 +12,10 @@ if str(ROOT) not in sys.path:
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one); run with -m gpu on a GPU machine")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

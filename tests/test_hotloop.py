@@ -212,3 +212,10 @@ def test_flop_count_of_a_linear_model_is_three_forwards():
     assert per_sample == 3 * 2 * (64 * 32 + 32 * 10)
     assert model.training  # put back
     assert peak_flops(torch.device("cpu")) is None  # no MFU on a CPU
+
+
+def test_device_resident_val_and_test_of_one_dataset_share_memory(tmp_path):
+    val = ToyData(32, seed=1)
+    t = make_trainer([f"trainer.out_dir={tmp_path}", "data.device_resident=true"], val_data=val, test_data=val)
+    assert t.loaders["val"].data is t.loaders["test"].data
+    assert t.loaders["train"].data is not t.loaders["val"].data

@@ -285,9 +285,12 @@ class DeviceLoader:
     on_device = True
 
     def __init__(self, dataset: Dataset, *, batch_size: int, sampler: ShardSampler, collate_fn: Callable | None,
-                 device: torch.device, drop_last: bool, seeded: bool = False) -> None:
+                 device: torch.device, drop_last: bool, seeded: bool = False, share: "DeviceLoader | None" = None) -> None:
         self.sampler, self.batch_size, self.drop_last, self.device = sampler, batch_size, drop_last, device
-        self.n = len(dataset)  # type: ignore[arg-type]
+        self.dataset, self.n = dataset, len(dataset)  # type: ignore[arg-type]
+        if share is not None:  # another loader over the same dataset (PDAN's val and test): one copy in memory
+            self.data = share.data
+            return
         if fetches_batches(dataset):
             data = BatchFetch(dataset, seeded=False)._get(list(range(self.n)))
         else:

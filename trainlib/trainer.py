@@ -219,8 +219,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def _loader(self, ds: Any, batch_size: int, sampler: ShardSampler, drop_last: bool, seeded: bool = False):
         if self.cfg.data.device_resident:
+            same = next((ld for ld in self.loaders.values() if isinstance(ld, DeviceLoader) and ld.dataset is ds), None)
             return DeviceLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.collate_fn,
-                                device=self.device, drop_last=drop_last, seeded=seeded)
+                                device=self.device, drop_last=drop_last, seeded=seeded, share=same)
         return build_loader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.collate_fn,
                             num_workers=self.cfg.data.num_workers,
                             pin_memory=self.cfg.data.pin_memory and self.device.type == "cuda",
