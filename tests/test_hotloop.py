@@ -1,6 +1,7 @@
 """The hot loop on CPU: no host-sync calls outside logging steps, the device-resident and
 batch-at-a-time data paths give the same training as the per-sample DataLoader, compile modes
 (also under 2-process DDP), and the CUDA-graph settings that must refuse or fall back clearly."""
+import json
 import logging
 
 import pytest
@@ -14,6 +15,7 @@ from trainlib import ConfigError
 from trainlib.callbacks import Callback
 from trainlib.data import DeviceLoader, ShardSampler, build_loader
 from trainlib.graphs import plain_optimizer_state
+from trainlib.loggers import TIMING_KEYS
 from trainlib.optim import LRSchedule
 from trainlib.config import OptimConfig
 
@@ -219,3 +221,106 @@ def test_device_resident_val_and_test_of_one_dataset_share_memory(tmp_path):
     t = make_trainer([f"trainer.out_dir={tmp_path}", "data.device_resident=true"], val_data=val, test_data=val)
     assert t.loaders["val"].data is t.loaders["test"].data
     assert t.loaders["train"].data is not t.loaders["val"].data
+
+
+class _FakeCUDA:
+    """Stands in for torch.cuda's graph API on CPU, to test the engine's graph bookkeeping (static
+    inputs, one graph per shape, warm-up counts, packed outputs, the device lr) without a GPU.
+    Capture runs the step and then puts every piece of state back (a real capture executes
+    nothing); replay runs the recorded step again on the static inputs and writes the graph's
+    static output in place, as a real replay does."""
+
+    def __init__(self, trainer):
+        self.trainer, self.replays, self.captures = trainer, 0, 0
+        fake = self
+
+        class Graph:
+            def __init__(self):
+                self.fn = self.out = None
+
+            def replay(self):
+                fake.replays += 1
+                self.out.copy_(self.fn())
+
+            def pool(self):
+                return None
+
+        self.Graph = Graph
+
+    def graph(self, g, pool=None, capture_error_mode="global"):
+        import contextlib
+        import copy
+
+        t = self.trainer
+
+        @contextlib.contextmanager
+        def capture():
+            model = {k: v.clone() for k, v in t.model.state_dict().items()}
+            opt = copy.deepcopy(t.optimizer.state_dict())
+            lrs = [grp["lr"] for grp in t.optimizer.param_groups]
+            rng = torch.get_rng_state()
+            step_fn, seen = t.graphs.step_fn, {}
+
+            def recording(batches):  # remember what the graph would replay
+                g.fn = lambda: step_fn(batches)
+                seen["out"] = out = step_fn(batches)
+                return out
+
+            t.graphs.step_fn = recording
+            try:
+                yield
+            finally:
+                t.graphs.step_fn = step_fn
+                g.out = seen["out"]
+                t.model.load_state_dict(model)
+                t.optimizer.load_state_dict(opt)
+                for grp, lr in zip(t.optimizer.param_groups, lrs):
+                    grp["lr"] = lr  # load_state_dict brought back floats: keep the live lr tensors
+                torch.set_rng_state(rng)
+                self.captures += 1
+        return capture()
+
+
+@pytest.mark.parametrize("extra", [
+    ["optim.name=adamw", "optim.scheduler=cosine", "optim.warmup_steps=3", "trainer.grad_clip=0.5"],
+    ["trainer.accumulate_grad_batches=2", "trainer.nonfinite=skip", "optim.name=adamw", "optim.scheduler=onecycle"],
+])
+def test_graph_bookkeeping_replays_the_eager_run_exactly(tmp_path, monkeypatch, extra):
+    """ToyData(100), batch 8: 12 full batches and one of 4 per epoch, so two batch shapes (windows)."""
+    import contextlib
+
+    from trainlib import graphs
+
+    def lr_tensors_only(optimizer, device=None):  # CPU optimizers refuse capturable=True; the lr tensor is what matters
+        for grp in optimizer.param_groups:
+            grp["lr"] = torch.tensor(float(grp["lr"]))
+
+    common = [f"trainer.out_dir={tmp_path}", "trainer.max_epochs=6", "log.every_n_steps=3", *extra]
+    eager = make_trainer(common + ["trainer.run_name=e"], ToyData(100))
+    lr_tensors_only(eager.optimizer)  # the same float32 lr as the graphed run (a Python float rounds differently)
+    eager.fit()
+
+    t = make_trainer(common + ["trainer.run_name=g"], ToyData(100))
+    fake = _FakeCUDA(t)
+    stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", fake.Graph)
+    monkeypatch.setattr(torch.cuda, "graph", fake.graph)
+
+    monkeypatch.setattr(graphs, "make_capturable", lr_tensors_only)
+    t.use_graphs = True
+    t.fit()
+
+    assert len(t.graphs.graphs) == 2 and fake.captures == 2 and not t.graphs.disabled
+    assert fake.replays > t.global_step // 2  # most steps were replays
+    lr = t.optimizer.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and lr.item() == pytest.approx(t.schedule.lrs[0], rel=1e-6)
+    assert t.schedule.lrs[0] != pytest.approx(t.schedule.lr_at(t.schedule.base_lrs[0], 0))  # the lr moved
+    for k, v in eager.model.state_dict().items():
+        assert torch.equal(v, t.model.state_dict()[k]), k
+    rows = lambda tr: [{k: v for k, v in r.items() if k not in TIMING_KEYS}  # noqa: E731
+                       for r in map(json.loads, (tr.run_dir / "metrics.jsonl").read_text().splitlines())]
+    assert rows(eager) == rows(t)
