@@ -731,7 +731,11 @@ class Trainer:
                 break
             batch = self.precision.cast_batch(to_device(batch, self.device))
             with self.precision.autocast():
+                if self.mark_compiled_steps:
+                    torch.compiler.cudagraph_mark_step_begin()
                 outputs = self.forward_fn(self.compiled, batch)
+                if self.mark_compiled_steps:  # metrics may keep outputs; the next replay would overwrite them
+                    outputs = map_tensors(outputs, torch.clone)
                 loss, weight, _ = self._unpack_loss(self.loss_fn(outputs, batch), batch)
             loss_mean.add(loss.float(), weight)
             for m in metrics:
