@@ -10,6 +10,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.data import Dataset, TensorDataset
 
 from tests.conftest import torchrun
+from tests.fake_cuda import FakeCUDA, lr_tensors
 from tests.toy import ToyData, make_trainer
 from trainlib import ConfigError
 from trainlib.callbacks import Callback
@@ -223,95 +224,20 @@ def test_device_resident_val_and_test_of_one_dataset_share_memory(tmp_path):
     assert t.loaders["train"].data is not t.loaders["val"].data
 
 
-class _FakeCUDA:
-    """Stands in for torch.cuda's graph API on CPU, to test the engine's graph bookkeeping (static
-    inputs, one graph per shape, warm-up counts, packed outputs, the device lr) without a GPU.
-    Capture runs the step and then puts every piece of state back (a real capture executes
-    nothing); replay runs the recorded step again on the static inputs and writes the graph's
-    static output in place, as a real replay does."""
-
-    def __init__(self, trainer):
-        self.trainer, self.replays, self.captures = trainer, 0, 0
-        fake = self
-
-        class Graph:
-            def __init__(self):
-                self.fn = self.out = None
-
-            def replay(self):
-                fake.replays += 1
-                self.out.copy_(self.fn())
-
-            def pool(self):
-                return None
-
-        self.Graph = Graph
-
-    def graph(self, g, pool=None, capture_error_mode="global"):
-        import contextlib
-        import copy
-
-        t = self.trainer
-
-        @contextlib.contextmanager
-        def capture():
-            model = {k: v.clone() for k, v in t.model.state_dict().items()}
-            opt = copy.deepcopy(t.optimizer.state_dict())
-            lrs = [grp["lr"] for grp in t.optimizer.param_groups]
-            rng = torch.get_rng_state()
-            step_fn, seen = t.graphs.step_fn, {}
-
-            def recording(batches):  # remember what the graph would replay
-                g.fn = lambda: step_fn(batches)
-                seen["out"] = out = step_fn(batches)
-                return out
-
-            t.graphs.step_fn = recording
-            try:
-                yield
-            finally:
-                t.graphs.step_fn = step_fn
-                g.out = seen["out"]
-                t.model.load_state_dict(model)
-                t.optimizer.load_state_dict(opt)
-                for grp, lr in zip(t.optimizer.param_groups, lrs):
-                    grp["lr"] = lr  # load_state_dict brought back floats: keep the live lr tensors
-                torch.set_rng_state(rng)
-                self.captures += 1
-        return capture()
-
-
 @pytest.mark.parametrize("extra", [
     ["optim.name=adamw", "optim.scheduler=cosine", "optim.warmup_steps=3", "trainer.grad_clip=0.5"],
     ["trainer.accumulate_grad_batches=2", "trainer.nonfinite=skip", "optim.name=adamw", "optim.scheduler=onecycle"],
 ])
 def test_graph_bookkeeping_replays_the_eager_run_exactly(tmp_path, monkeypatch, extra):
     """ToyData(100), batch 8: 12 full batches and one of 4 per epoch, so two batch shapes (windows)."""
-    import contextlib
-
-    from trainlib import graphs
-
-    def lr_tensors_only(optimizer, device=None):  # CPU optimizers refuse capturable=True; the lr tensor is what matters
-        for grp in optimizer.param_groups:
-            grp["lr"] = torch.tensor(float(grp["lr"]))
-
     common = [f"trainer.out_dir={tmp_path}", "trainer.max_epochs=6", "log.every_n_steps=3", *extra]
     eager = make_trainer(common + ["trainer.run_name=e"], ToyData(100))
-    lr_tensors_only(eager.optimizer)  # the same float32 lr as the graphed run (a Python float rounds differently)
+    lr_tensors(eager.optimizer)  # the same float32 lr as the graphed run (a Python float rounds differently)
     eager.fit()
 
     t = make_trainer(common + ["trainer.run_name=g"], ToyData(100))
-    fake = _FakeCUDA(t)
-    stream = type("Stream", (), {"wait_stream": lambda self, other: None})
-    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: stream())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: stream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", fake.Graph)
-    monkeypatch.setattr(torch.cuda, "graph", fake.graph)
-
-    monkeypatch.setattr(graphs, "make_capturable", lr_tensors_only)
-    t.use_graphs = True
+    fake = FakeCUDA(t)
+    fake.install(monkeypatch.setattr)
     t.fit()
 
     assert len(t.graphs.graphs) == 2 and fake.captures == 2 and not t.graphs.disabled
@@ -324,3 +250,46 @@ def test_graph_bookkeeping_replays_the_eager_run_exactly(tmp_path, monkeypatch, 
     rows = lambda tr: [{k: v for k, v in r.items() if k not in TIMING_KEYS}  # noqa: E731
                        for r in map(json.loads, (tr.run_dir / "metrics.jsonl").read_text().splitlines())]
     assert rows(eager) == rows(t)
+
+
+def test_graph_bookkeeping_under_two_process_ddp_matches_eager_ddp(tmp_path):
+    """2 gloo ranks with the torch.cuda stand-in: the ranks agree on every step's shape (a host-side
+    all-reduce), warm up 11 steps (DDP), capture together and replay; weights equal eager DDP."""
+    flags = ["trainer.max_epochs=5", "data.batch_size=8", "trainer.save_top_k=0", "optim.name=adamw",
+             "optim.scheduler=cosine", "--toy-n=100"]
+    r = torchrun(2, ["tests/toy.py", str(tmp_path / "e"), f"trainer.out_dir={tmp_path}/re", "--toy-lr_tensor=1", *flags])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(2, ["tests/toy.py", str(tmp_path / "g"), f"trainer.out_dir={tmp_path}/rg", "--toy-fake_graphs=1", *flags])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / "g" / f"graphs_rank{rank}.json").read_text())
+        # 50 samples a rank: 6 batches of 8 and one of 2 per epoch; only the full shape reaches 11 warm-ups
+        assert report == {"graphs": 2, "captures": 1, "replays": 5 * 6 - 11}, report
+    a, b = torch.load(tmp_path / "e" / "weights.pt"), torch.load(tmp_path / "g" / "weights.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _agreement_worker(rank, init_file, results):
+    import types
+
+    import torch.distributed as td
+
+    from trainlib.graphs import StepGraphs, signature
+
+    td.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        me = types.SimpleNamespace(group=td.new_group(backend="gloo"))
+        same = signature([{"x": torch.zeros(8, 64)}])
+        mine = signature([{"x": torch.zeros(8, 64 * (rank + 1))}])  # rank 1 has a longer batch
+        results[rank] = (StepGraphs._all_ranks_have(me, same), StepGraphs._all_ranks_have(me, mine))
+    finally:
+        td.destroy_process_group()
+
+
+def test_ranks_with_different_batch_shapes_do_not_agree(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_agreement_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+    assert dict(results) == {0: (True, False), 1: (True, False)}

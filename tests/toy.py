@@ -89,7 +89,7 @@ def make_trainer(overrides: list[str], data: ToyData | None = None, model: nn.Mo
 
 
 def split_toy_flags(argv: list[str]) -> tuple[dict[str, float], list[str]]:
-    """--toy-NAME=VALUE flags (augment, dropout, delay, buffer_mb, n) vs trainer overrides."""
+    """--toy-NAME=VALUE flags (augment, dropout, delay, buffer_mb, n, lr_tensor, fake_graphs) vs trainer overrides."""
     flags, rest = {}, []
     for a in argv:
         if a.startswith("--toy-"):
@@ -132,6 +132,21 @@ if __name__ == "__main__":
             raise RuntimeError(f"injected failure on rank {t.env.rank} at step {t.global_step}")
 
     trainer.callbacks += [Record(), Fault()]
+    if flags.get("lr_tensor") or flags.get("fake_graphs"):  # see tests/fake_cuda.py
+        from tests.fake_cuda import FakeCUDA, lr_tensors
+
+        lr_tensors(trainer.optimizer)
+        if flags.get("fake_graphs"):
+            fake = FakeCUDA(trainer)
+            fake.install()
+
+            class Report(Callback):
+                def on_fit_end(self, t):
+                    out.mkdir(parents=True, exist_ok=True)
+                    (out / f"graphs_rank{t.env.rank}.json").write_text(json.dumps(
+                        {"graphs": len(t.graphs.graphs), "captures": fake.captures, "replays": fake.replays}))
+
+            trainer.callbacks.append(Report())
 
     def body():
         trainer.fit()

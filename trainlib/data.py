@@ -188,7 +188,8 @@ class BatchFetch(Dataset):
 
     def __init__(self, dataset: Dataset, seeded: bool = True) -> None:
         self.dataset = dataset
-        self.seeded = seeded and getattr(dataset, "random_fetch", True)
+        # a TensorDataset's rows are fixed: nothing to seed
+        self.seeded = seeded and not isinstance(dataset, TensorDataset) and getattr(dataset, "random_fetch", True)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]

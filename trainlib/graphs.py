@@ -14,17 +14,24 @@ the same computation as the eager step, and how this module ensures it:
   lives in a device tensor that the schedule fills before each replay (optim.LRSchedule);
 - graph-owned outputs are cloned right after each replay, before any other replay can overwrite
   them; the graphs share one memory pool (they never run concurrently and keep nothing else alive);
-- capture in thread-local mode, so a DataLoader's pin-memory thread may keep working meanwhile.
+- capture in thread-local mode, so a DataLoader's pin-memory thread may keep working meanwhile;
+- under DDP every rank makes the same choice at every step: NCCL requires a collective to be
+  captured on all ranks or on none, and ranks may see different batch shapes (PDAN's buckets). A
+  host-side gloo all-reduce of the step's shape digest (no GPU sync) tells whether all ranks agree;
+  if not, every rank runs that step eagerly.
 
 Where capture cannot work (a host sync or CPU-side control flow in the model, too many shapes),
 the trainer is told why in one line and the step runs eagerly from then on.
 """
 from __future__ import annotations
 
+import zlib
 from typing import Any, Callable
 
 import torch
+import torch.distributed as torch_dist
 
+from .config import UserError
 from .data import map_tensors, tensor_leaves
 from .loggers import log
 
@@ -36,6 +43,11 @@ MAX_GRAPHS = 16     # distinct batch signatures before new ones stay eager
 def signature(batches: list[Any]) -> tuple:
     """What a graph is specialised to: per micro-batch, the shape and dtype of every tensor."""
     return tuple(tuple((tuple(t.shape), t.dtype) for t in tensor_leaves(b)) for b in batches)
+
+
+def signature_digest(key: tuple) -> int:
+    """A digest of a signature that is the same in every process (hash() of dtypes is not)."""
+    return zlib.crc32(repr(key).encode())
 
 
 def why_not_graphable(device: torch.device, precision: str) -> str:
@@ -94,8 +106,10 @@ class StepGraphs:
     """
 
     def __init__(self, step_fn: Callable[[list[Any]], torch.Tensor], device: torch.device, ddp: bool) -> None:
-        self.step_fn, self.device = step_fn, device
+        self.step_fn, self.device, self.ddp = step_fn, device, ddp
         self.warmup = WARMUP_DDP if ddp else WARMUP
+        # host-side agreement between ranks (see the module docstring); a collective to create
+        self.group = torch_dist.new_group(backend="gloo") if ddp else None
         self.graphs: dict[tuple, _Graph] = {}
         self.side = torch.cuda.Stream(device)
         self.pool = None                             # memory pool shared by every graph
@@ -107,6 +121,8 @@ class StepGraphs:
         if self.disabled:
             return self.step_fn(batches)
         key = signature(batches)
+        if self.group is not None and not self._all_ranks_have(key):
+            return self.step_fn(batches)  # shapes differ between ranks: every rank runs this step eagerly
         g = self.graphs.get(key)
         if g is None:
             if len(self.graphs) >= MAX_GRAPHS:  # known shapes keep their graphs; new ones run eagerly
@@ -127,6 +143,12 @@ class StepGraphs:
         g.graph.replay()
         return g.out.clone()  # take ownership before another replay writes the same memory
 
+    def _all_ranks_have(self, key: tuple) -> bool:
+        d = signature_digest(key)
+        t = torch.tensor([d, -d], dtype=torch.int64)  # CPU tensor over gloo: no GPU sync
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX, group=self.group)
+        return int(t[0]) == d and -int(t[1]) == d  # max == min: every rank has this signature
+
     def _warmup_step(self, g: _Graph) -> torch.Tensor:
         cur = torch.cuda.current_stream(self.device)
         self.side.wait_stream(cur)
@@ -142,8 +164,11 @@ class StepGraphs:
                 out = self.step_fn(g.static)
         except Exception as e:  # a host sync or unsupported op in the step: say so, run eagerly
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            self._disable(f"capture of the training step failed ({type(e).__name__}: {first[:200]}); "
-                          "the model or loss probably syncs with the host (.item(), .cpu(), data-dependent shapes)")
+            reason = (f"capture of the training step failed ({type(e).__name__}: {first[:200]}); the model "
+                      "or loss probably syncs with the host (.item(), .cpu(), data-dependent shapes)")
+            if self.ddp:  # DDP's reducer is left waiting for the aborted backward: no eager way on
+                raise UserError(f"trainer.cuda_graphs: {reason}; run again with trainer.cuda_graphs=false") from None
+            self._disable(reason)
             torch.cuda.synchronize(self.device)
             return False
         if self.pool is None:

@@ -663,7 +663,9 @@ class Trainer:
         else:  # a number: a cached device constant (creating a CUDA tensor from a number syncs the host)
             w = self._weights.get(weight)
             if w is None:
-                w = self._weights[weight] = torch.full((), float(weight), dtype=torch.float32, device=loss.device)
+                w = torch.full((), float(weight), dtype=torch.float32, device=loss.device)
+                if len(self._weights) < 64:  # batch sizes repeat; per-batch counts would only fill memory
+                    self._weights[weight] = w
             weight = w
         return loss, weight, parts
 
