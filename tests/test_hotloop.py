@@ -49,12 +49,16 @@ class _Arm(Callback):
         self.spy.armed = t.batch_in_epoch < t.train_batches
 
 
+@pytest.mark.parametrize("graphed", [False, True])
 @pytest.mark.parametrize("extra", [[], ["trainer.accumulate_grad_batches=2", "trainer.nonfinite=skip",
                                         "trainer.grad_clip=1.0", "optim.name=adamw", "optim.scheduler=cosine"]])
-def test_no_host_sync_outside_logging_steps(tmp_path, extra):
+def test_no_host_sync_outside_logging_steps(tmp_path, extra, graphed, monkeypatch):
     spy = _SyncSpy()
     t = make_trainer([f"trainer.out_dir={tmp_path}", "trainer.max_epochs=2", "log.every_n_steps=5",
                       "trainer.save_top_k=0", "trainer.save_last=false", *extra], callbacks=[_Arm(spy)])
+    if graphed:  # the graph path's own bookkeeping (copy-in, replay, unpacking) with the torch.cuda stand-in
+        fake = FakeCUDA(t)
+        fake.install(monkeypatch.setattr)
     fold = t._fold
 
     def fold_and_disarm():
@@ -65,6 +69,8 @@ def test_no_host_sync_outside_logging_steps(tmp_path, extra):
     with spy:
         t.fit()
     assert t.global_step >= 10
+    if graphed:
+        assert fake.replays > 0
     assert not spy.hits, "host sync in a non-logging step:\n" + "\n".join(f"{n}:\n{s}" for n, s in spy.hits[:3])
 
 
