@@ -21,7 +21,8 @@ the same computation as the eager step, and how this module ensures it:
   if not, every rank runs that step eagerly.
 
 Where capture cannot work (a host sync or CPU-side control flow in the model, too many shapes),
-the trainer is told why in one line and the step runs eagerly from then on.
+the trainer is told why in one line and the step runs eagerly from then on (under DDP a failed
+capture ends the run with that line: the reducer cannot go on after an aborted backward).
 """
 from __future__ import annotations
 
