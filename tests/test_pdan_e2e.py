@@ -162,3 +162,21 @@ def test_load_model_of_a_notebook_run_fills_the_given_module(tmp_path):
     assert torch.equal(restored.weight, t.model.weight) and not restored.training
     with pytest.raises(trainlib.ConfigError, match="names no recipe; pass the module to fill"):
         trainlib.load_model(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("buckets", ["[]", "[16,32,64]"])
+def test_device_resident_trains_exactly_like_the_loader(tmp_path, buckets):
+    """The split collated once (padded to its longest video) and each gathered batch trimmed back
+    to its bucket: the same weights as reading the files batch by batch."""
+    import torch
+    from safetensors.torch import load_file
+
+    common = [f"trainer.out_dir={tmp_path}", "data.batch_size=16", "model.num_channels=32", "model.num_layers=3",
+              "trainer.max_epochs=2", "log.loggers=jsonl", f"data.length_buckets={buckets}", "model.dropout=0"]
+    assert main(recipe, common + ["trainer.run_name=files"]) == 0
+    assert main(recipe, common + ["trainer.run_name=resident", "data.device_resident=true"]) == 0
+    a = load_file(tmp_path / "files" / "model.safetensors")
+    b = load_file(tmp_path / "resident" / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert rows(tmp_path / "files", "val") == rows(tmp_path / "resident", "val")

@@ -613,3 +613,28 @@ def test_model_compiles_without_graph_breaks():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, mask), model(x, mask))
         assert compiled(torch.randn(3, 12, 31), torch.ones(3, 31)).shape == (2, 3, 5, 31)
+
+
+@pytest.mark.parametrize("buckets, graphs", [((), False), ((16, 64), False), ((), True)])
+def test_device_resident_batches_equal_collated_batches(tmp_path, buckets, graphs):
+    """DeviceLoader (split padded to its longest video, batches trimmed by trim_batch) gives the
+    tensors the recipe's collate gives the same rows, shapes included."""
+    from trainlib.data import DeviceLoader, ShardSampler, build_loader
+
+    write_synthetic(str(tmp_path), n_train=24, n_test=10, num_classes=3, dim=8, seed=1)
+    cfg = make_cfg(tmp_path, length_buckets=buckets, cuda_graphs=graphs)
+    train = build_datasets(cfg)["train"]
+    fn = recipe.collate(cfg)
+    s1, s2 = ShardSampler(len(train), seed=3), ShardSampler(len(train), seed=3)
+    files = list(build_loader(train, batch_size=5, sampler=s1, collate_fn=fn, num_workers=0, pin_memory=False,
+                              drop_last=False, seeded=True))
+    resident = list(DeviceLoader(train, batch_size=5, sampler=s2, collate_fn=fn, device=torch.device("cpu"),
+                                 drop_last=False))
+    assert len(files) == len(resident) == 5
+    stored = padded_length(max(train.num_frames), buckets, 64 if graphs else 0)  # the split's padding
+    if not buckets and not graphs:  # each batch padded to its own longest: shorter than the split's
+        assert any(b["features"].shape[-1] < stored for b in resident)
+    for a, b in zip(files, resident):
+        assert a["video_id"] == b["video_id"]
+        for key in ("features", "mask", "labels", "loc25_index", "loc25_labels"):
+            assert a[key].shape == b[key].shape and torch.equal(a[key], b[key]), key

@@ -280,7 +280,10 @@ class DeviceLoader:
     Same batches in the same order as `build_loader` with the same sampler, so switching it on
     changes speed, not results. Caveats: items are read once, so per-sample random augmentation
     is frozen; collation must give tensors with a leading sample dimension (variable-length
-    items are padded to the longest of the whole split) or lists of per-sample values.
+    items are padded to the longest of the whole split) or lists of per-sample values. A dataset
+    with `trim_batch(batch, rows)` gets each gathered batch to cut back to what its own collate
+    would have padded those rows to (PDAN: the batch's length bucket), so padding to the split's
+    longest item costs memory, not compute.
     """
 
     on_device = True
@@ -315,10 +318,13 @@ class DeviceLoader:
             index = index.pin_memory()
         index = index.to(self.device, non_blocking=True)  # once per epoch
         bs = self.batch_size
+        trim = getattr(self.dataset, "trim_batch", None)
         for lo in range(0, len(idx), bs):
             if lo + bs > len(idx) and self.drop_last:
                 return
-            yield self._gather(self.data, index[lo : lo + bs], idx[lo : lo + bs])
+            rows = idx[lo : lo + bs]
+            batch = self._gather(self.data, index[lo : lo + bs], rows)
+            yield trim(batch, rows) if trim else batch
 
     def _gather(self, obj: Any, sel: torch.Tensor, rows: list[int]) -> Any:
         if isinstance(obj, torch.Tensor):

@@ -164,6 +164,8 @@ class CharadesFeatures(torch.utils.data.Dataset):
                  input_channels: int, skip_missing: bool = False, ann_path: str | None = None) -> None:
         self.root = root
         self.subset = subset
+        self.buckets: tuple[int, ...] = ()  # the collate's padding rule, for trim_batch (build_datasets sets it)
+        self.pow2_from = 0
         self.num_classes = int(num_classes)
         self.input_channels = int(input_channels)
         if isinstance(annotations, str):
@@ -208,6 +210,15 @@ class CharadesFeatures(torch.utils.data.Dataset):
             self.num_frames.append(t)
             self.durations.append(float(db[v]["duration"]))
             self.actions.append([[int(a[0]), float(a[1]), float(a[2])] for a in db[v]["actions"]])
+
+    def trim_batch(self, batch: dict, rows: list[int]) -> dict:
+        """data.device_resident: a batch gathered from the split padded to its longest video, cut
+        back to the time length `collate` would give these rows (the same tensors, bit for bit)."""
+        t = padded_length(max(self.num_frames[r] for r in rows), self.buckets, self.pow2_from)
+        if t >= batch["features"].shape[-1]:
+            return batch
+        return {**batch, "features": batch["features"][..., :t], "mask": batch["mask"][:, :t],
+                "labels": batch["labels"][:, :t]}
 
     def path(self, video_id: str) -> str:
         return os.path.join(self.root, f"{video_id}.npy")
@@ -293,12 +304,20 @@ def build_collate(cfg: Any) -> Callable[[list[dict]], dict]:
     """The collate for cfg: bound to data.length_buckets, or to powers of two from 64 when the
     list is empty and trainer.cuda_graphs is on, or plain `collate` (pad to the batch's longest).
     A functools.partial of a module-level function, so DataLoader workers can pickle it."""
-    buckets = length_buckets(cfg)
+    buckets, pow2_from = padding_rule(cfg)
     if buckets:
         return functools.partial(collate, buckets=buckets)
-    if getattr(getattr(cfg, "trainer", None), "cuda_graphs", False):
-        return functools.partial(collate, pow2_from=AUTO_BUCKET_MIN)
+    if pow2_from:
+        return functools.partial(collate, pow2_from=pow2_from)
     return collate
+
+
+def padding_rule(cfg: Any) -> tuple[tuple[int, ...], int]:
+    """(buckets, pow2_from) for padded_length: data.length_buckets, else powers of two from 64
+    when trainer.cuda_graphs is on, else neither (pad to the batch's longest)."""
+    buckets = length_buckets(cfg)
+    graphs = getattr(getattr(cfg, "trainer", None), "cuda_graphs", False)
+    return buckets, (AUTO_BUCKET_MIN if graphs and not buckets else 0)
 
 
 def annotation_path(cfg: Any) -> str:
@@ -319,4 +338,6 @@ def build_datasets(cfg: Any) -> dict:
               skip_missing=cfg.data.skip_missing, ann_path=ann)
     train = CharadesFeatures(root, db, SUBSETS["train"], **kw)
     test = CharadesFeatures(root, db, SUBSETS["test"], **kw)
+    for ds in (train, test):  # data.device_resident trims gathered batches by the collate's rule
+        ds.buckets, ds.pow2_from = padding_rule(cfg)
     return {"train": train, "val": test, "test": test}
