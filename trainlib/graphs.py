@@ -26,7 +26,7 @@ capture ends the run with that line: the reducer cannot go on after an aborted b
 """
 from __future__ import annotations
 
-import zlib
+import hashlib
 from typing import Any, Callable
 
 import torch
@@ -47,8 +47,8 @@ def signature(batches: list[Any]) -> tuple:
 
 
 def signature_digest(key: tuple) -> int:
-    """A digest of a signature that is the same in every process (hash() of dtypes is not)."""
-    return zlib.crc32(repr(key).encode())
+    """A 56-bit digest of a signature, the same in every process (hash() of dtypes is not)."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=7).digest(), "little")
 
 
 def why_not_graphable(device: torch.device, precision: str) -> str:
