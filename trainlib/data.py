@@ -129,11 +129,16 @@ class SeededDataset(Dataset):
         return self.dataset[i]
 
     def __getitems__(self, indices: list[int]) -> list[Any]:
-        seed = getattr(indices, "seed", None) if self.seeded else None
-        if seed is None:
-            return [self.dataset[i] for i in indices]
-        with _seeded(seed):
-            return [self.dataset[i] for i in indices]
+        return _fetch(indices, self.seeded, lambda idx: [self.dataset[i] for i in idx])
+
+
+def _fetch(indices: list[int], seeded: bool, read: Callable[[list[int]], Any]) -> Any:
+    """read(indices), under the batch's seed when it carries one and the dataset draws randomness."""
+    seed = getattr(indices, "seed", None) if seeded else None
+    if seed is None:
+        return read(indices)
+    with _seeded(seed):
+        return read(indices)
 
 
 class _seeded:
@@ -195,11 +200,7 @@ class BatchFetch(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, indices: list[int]) -> Any:
-        seed = getattr(indices, "seed", None) if self.seeded else None
-        if seed is None:
-            return self._get(indices)
-        with _seeded(seed):
-            return self._get(indices)
+        return _fetch(indices, self.seeded, self._get)
 
     def _get(self, indices: list[int]) -> Any:
         ds = self.dataset

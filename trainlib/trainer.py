@@ -646,9 +646,7 @@ class Trainer:
         return torch.cat(cols)
 
     def _unpack_loss(self, out: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        if isinstance(out, torch.Tensor):
-            loss, weight, parts = out, None, {}
-        elif isinstance(out, dict):
+        if isinstance(out, dict):
             if "loss" not in out:
                 raise ConfigError("the loss function returned a dict without a 'loss' entry")
             parts = {k: v for k, v in out.items() if k not in ("loss", "weight") and isinstance(v, torch.Tensor)}
