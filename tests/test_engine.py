@@ -71,6 +71,40 @@ def test_sampler_shards_are_disjoint_and_reshuffle_each_epoch():
     assert list(s) == full[6:]
 
 
+def test_grouped_sampler_gives_every_rank_one_group_per_step():
+    """group_size = batch 3 x world 2 x accumulation 2: every step's micro-batches on both ranks
+    share one key; each epoch is still a permutation (leftovers at its end) and reshuffles."""
+    n, bs, world, k = 61, 3, 2, 2
+    keys = [i % 4 if i < 50 else 9 for i in range(n)]  # four big groups and one of 11
+    size = bs * world * k
+    samplers = [ShardSampler(n, r, world, seed=7, groups=keys, group_size=size) for r in range(world)]
+    orders = []
+    for epoch in (0, 1):
+        for s in samplers:
+            s.set_epoch(epoch)
+        shares = [list(s) for s in samplers]
+        assert len(shares[0]) == len(shares[1]) == 31
+        assert set(shares[0] + shares[1]) == set(range(n))  # 62 = 61 + one wrapped to even the ranks
+        full_steps = sum(keys.count(key) // size for key in set(keys))  # 4: one run of 12 from each big group
+        assert full_steps == 4
+        for step in range(full_steps):
+            window = [i for share in shares for i in share[step * bs * k : (step + 1) * bs * k]]
+            assert len({keys[i] for i in window}) == 1, (epoch, step, window)
+        orders.append(shares[0])
+        # the same order on every construction: any rank can recompute it (resume, other ranks)
+        again = ShardSampler(n, 0, world, seed=7, groups=keys, group_size=size)
+        again.set_epoch(epoch)
+        assert list(again) == shares[0]
+        again.skip(5)  # a resume mid-epoch continues the same grouped order
+        assert list(again) == shares[0][5:]
+    assert orders[0] != orders[1]
+    # without grouping the same seed gives mixed windows
+    plain = [list(ShardSampler(n, r, world, seed=7)) for r in range(world)]
+    assert any(len({keys[i] for share in plain for i in share[lo : lo + bs * k]}) > 1 for lo in range(0, 24, bs * k))
+    with pytest.raises(ValueError, match="3 group keys for 61 samples"):
+        ShardSampler(n, groups=[0, 1, 2], group_size=4)
+
+
 def test_schedules():
     def lrs(sched, steps, **kw):
         p = nn.Parameter(torch.zeros(1))

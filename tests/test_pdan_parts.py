@@ -638,3 +638,26 @@ def test_device_resident_batches_equal_collated_batches(tmp_path, buckets, graph
         assert a["video_id"] == b["video_id"]
         for key in ("features", "mask", "labels", "loc25_index", "loc25_labels"):
             assert a[key].shape == b[key].shape and torch.equal(a[key], b[key]), key
+
+
+def test_shape_keys_are_the_collated_lengths_and_grouped_batches_share_one(tmp_path):
+    """PDAN's shape_keys() is each video's padded length under the collate's rule; with the
+    sampler grouping by it, every batch collates to its group's length on both ranks."""
+    from trainlib.data import ShardSampler, build_loader
+
+    write_synthetic(str(tmp_path), n_train=40, n_test=10, num_classes=3, dim=8, seed=1)
+    cfg = make_cfg(tmp_path, length_buckets=[48, 96, 160])
+    train = build_datasets(cfg)["train"]
+    keys = train.shape_keys()
+    assert keys == [padded_length(t, (48, 96, 160)) for t in train.num_frames] and len(set(keys)) > 1
+    fn = recipe.collate(cfg)
+    assert all(fn([train[i]])["mask"].shape[1] == keys[i] for i in range(len(train)))
+    per_rank = []
+    for rank in (0, 1):
+        sampler = ShardSampler(len(train), rank, 2, seed=0, groups=keys, group_size=4 * 2)
+        per_rank.append([(b["features"].shape[-1], [keys[train.video_ids.index(v)] for v in b["video_id"]])
+                         for b in build_loader(train, batch_size=4, sampler=sampler, collate_fn=fn, num_workers=0,
+                                               pin_memory=False, drop_last=False, seeded=True)])
+    whole = sum(keys.count(k) // 8 for k in set(keys))  # steps drawn from one group
+    for (t0, k0), (t1, k1) in list(zip(*per_rank))[:whole]:
+        assert t0 == t1 and set(k0) == set(k1) == {t0}

@@ -24,8 +24,11 @@ from trainlib.config import apply_overrides  # noqa: E402
 class ToyData(Dataset):
     """y = x @ w_true + noise; each item also carries its index and a per-sample validity mask."""
 
-    def __init__(self, n: int = 96, dim: int = 6, seed: int = 0, augment: bool = False, delay: float = 0.0) -> None:
+    def __init__(self, n: int = 96, dim: int = 6, seed: int = 0, augment: bool = False, delay: float = 0.0,
+                 ragged: bool = False) -> None:
         self.augment, self.delay = augment, delay
+        # ragged: item i has 2 + i % 3 of the 4 positions (batched by `ragged_collate`, grouped by shape_keys)
+        self.lengths = [2 + i % 3 if ragged else 4 for i in range(n)]
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, 4, dim, generator=g)
         w = torch.randn(dim, 1, generator=torch.Generator().manual_seed(1234))  # the same task for every split
@@ -50,7 +53,19 @@ class ToyData(Dataset):
             import time
 
             time.sleep(self.delay)
-        return {"x": x, "y": self.y[i], "valid": self.valid[i], "idx": torch.tensor(i)}
+        n = self.lengths[i]
+        return {"x": x[:n], "y": self.y[i, :n], "valid": self.valid[i, :n], "idx": torch.tensor(i)}
+
+    def shape_keys(self) -> list[int]:
+        return list(self.lengths)
+
+
+def ragged_collate(items: list[dict]) -> dict:
+    """Pad x, y and valid to the batch's longest item (padding is invalid: valid = 0)."""
+    t = max(it["x"].shape[0] for it in items)
+    pad = lambda v: torch.cat([v, v.new_zeros(t - v.shape[0], *v.shape[1:])])  # noqa: E731
+    return {"x": torch.stack([pad(it["x"]) for it in items]), "y": torch.stack([pad(it["y"]) for it in items]),
+            "valid": torch.stack([pad(it["valid"]) for it in items]), "idx": torch.stack([it["idx"] for it in items])}
 
 
 def toy_model(dim: int = 6, dropout: float = 0.0, buffer_mb: int = 0) -> nn.Module:
@@ -89,7 +104,7 @@ def make_trainer(overrides: list[str], data: ToyData | None = None, model: nn.Mo
 
 
 def split_toy_flags(argv: list[str]) -> tuple[dict[str, float], list[str]]:
-    """--toy-NAME=VALUE flags (augment, dropout, delay, buffer_mb, n, lr_tensor, fake_graphs) vs trainer overrides."""
+    """--toy-NAME=VALUE flags (augment, dropout, delay, buffer_mb, n, ragged, lr_tensor, fake_graphs) vs trainer overrides."""
     flags, rest = {}, []
     for a in argv:
         if a.startswith("--toy-"):
@@ -103,9 +118,11 @@ def split_toy_flags(argv: list[str]) -> tuple[dict[str, float], list[str]]:
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     flags, overrides = split_toy_flags(sys.argv[2:])
-    data = ToyData(int(flags.get("n", 96)), augment=bool(flags.get("augment", 0)), delay=flags.get("delay", 0.0))
+    ragged = bool(flags.get("ragged", 0))
+    data = ToyData(int(flags.get("n", 96)), augment=bool(flags.get("augment", 0)), delay=flags.get("delay", 0.0),
+                   ragged=ragged)
     model = toy_model(dropout=flags.get("dropout", 0.0), buffer_mb=int(flags.get("buffer_mb", 0)))
-    trainer = make_trainer(overrides, data, model)
+    trainer = make_trainer(overrides, data, model, **({"collate_fn": ragged_collate} if ragged else {}))
     seen_by_epoch: dict[int, list[int]] = {}
 
     from trainlib.callbacks import Callback

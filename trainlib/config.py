@@ -131,6 +131,7 @@ class DataConfig:
     pin_memory: bool = opt(True, "pin host memory for faster copies to the GPU (ignored on CPU)")
     drop_last: bool = opt(False, "drop the last incomplete training batch")
     device_resident: bool = opt(False, "read every split once into device memory and gather batches there (datasets that fit; augmentation is frozen)")
+    group_by_shape: Union[bool, Literal["auto"]] = opt("auto", "draw every rank's batches of one optimizer step from samples of one shape (the dataset's shape_keys(), e.g. PDAN's padded length), so CUDA graphs replay under DDP; auto: on with trainer.cuda_graphs")
 
 
 @dataclass

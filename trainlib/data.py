@@ -11,7 +11,7 @@ import hashlib
 import math
 import random
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,12 +25,25 @@ class ShardSampler(Sampler[int]):
     and it is padded by wrapping around so every rank gets the same number of samples (DDP needs
     equal step counts). Evaluation (`shuffle=False`, `pad=False`): no padding, so every sample is
     scored exactly once; ranks may get one sample more or less (metrics are reduced after the loop).
+
+    Grouping (`groups`, one key per sample, and `group_size`): the shuffled order is cut into runs
+    of `group_size` consecutive positions whose samples share one key, and the runs are shuffled.
+    With group_size = batch size x world size x accumulation, every rank's micro-batches of one
+    optimizer step come from the same group: with keys that say what shape a sample collates to
+    (PDAN: its padded length), all ranks see the same batch shapes at every step, which is what
+    whole-step CUDA graphs under DDP need. The few samples left over in each group fill the
+    epoch's last runs.
     """
 
     def __init__(self, n: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0,
-                 pad: bool = True, drop_last: bool = False) -> None:
+                 pad: bool = True, drop_last: bool = False, groups: Sequence[Hashable] | None = None,
+                 group_size: int = 0) -> None:
         self.n, self.rank, self.world = n, rank, world
         self.shuffle, self.seed, self.pad, self.drop_last = shuffle, seed, pad, drop_last
+        if groups is not None and len(groups) != n:
+            raise ValueError(f"ShardSampler: {len(groups)} group keys for {n} samples")
+        self.groups = list(groups) if groups is not None and group_size > 0 else None
+        self.group_size = group_size
         self.epoch = 0
         self.start = 0  # samples of this rank's share already consumed (resume)
 
@@ -47,6 +60,8 @@ class ShardSampler(Sampler[int]):
             g = torch.Generator()
             g.manual_seed(batch_seed(self.seed, -1, self.epoch, -1))  # same on every rank
             order = torch.randperm(self.n, generator=g).tolist()
+            if self.groups is not None:
+                order = self._grouped(order)
         else:
             order = list(range(self.n))
         if self.pad and self.world > 1:
@@ -56,6 +71,21 @@ class ShardSampler(Sampler[int]):
                 total = math.ceil(self.n / self.world) * self.world
                 order = (order * math.ceil(total / max(1, self.n)))[:total]
         return order[self.rank :: self.world]
+
+    def _grouped(self, order: list[int]) -> list[int]:
+        """`order` rearranged into shuffled runs of group_size samples with one key each, then
+        each group's leftovers (fewer than group_size), group after group."""
+        members: dict[Hashable, list[int]] = {}
+        for i in order:  # first-seen order of the keys follows the shuffle: deterministic per epoch
+            members.setdefault(self.groups[i], []).append(i)  # type: ignore[index]
+        size, runs, rest = self.group_size, [], []
+        for idx in members.values():
+            full = len(idx) - len(idx) % size
+            runs += [idx[lo : lo + size] for lo in range(0, full, size)]
+            rest += idx[full:]
+        g = torch.Generator()
+        g.manual_seed(batch_seed(self.seed, -2, self.epoch, -2))  # same on every rank
+        return [i for r in torch.randperm(len(runs), generator=g).tolist() for i in runs[r]] + rest
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices()[self.start :])

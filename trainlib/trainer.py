@@ -159,9 +159,13 @@ class Trainer:
 
         # --- data -----------------------------------------------------------------------------------
         self.loaders: dict[str, Any] = {}
+        self.setup_notes: list[str] = []
         if train_data is not None:
-            self.train_sampler = ShardSampler(len(train_data), self.env.rank, self.env.world_size, shuffle=True,
-                                              seed=self.tc.seed, pad=True, drop_last=cfg.data.drop_last)
+            keys = self._shape_groups(train_data)
+            self.train_sampler = ShardSampler(
+                len(train_data), self.env.rank, self.env.world_size, shuffle=True, seed=self.tc.seed, pad=True,
+                drop_last=cfg.data.drop_last, groups=keys,
+                group_size=cfg.data.batch_size * self.env.world_size * self.tc.accumulate_grad_batches)
             self.loaders["train"] = self._loader(train_data, cfg.data.batch_size, self.train_sampler,
                                                  cfg.data.drop_last, seeded=True)
             if len(self.loaders["train"]) == 0:
@@ -227,6 +231,25 @@ class Trainer:
                             pin_memory=self.cfg.data.pin_memory and self.device.type == "cuda",
                             drop_last=drop_last, seeded=seeded)
 
+    def _shape_groups(self, ds: Any) -> list | None:
+        """data.group_by_shape: the train dataset's shape keys when grouping is on, else None."""
+        setting = self.cfg.data.group_by_shape
+        shape_keys = getattr(ds, "shape_keys", None)
+        if setting == "auto":
+            setting = self.use_graphs and callable(shape_keys)
+        if not setting:
+            return None
+        if not callable(shape_keys):
+            raise ConfigError(f"data.group_by_shape=true: the train dataset ({type(ds).__name__}) has no "
+                              "shape_keys() method saying which samples collate to the same shape")
+        keys = list(shape_keys())
+        if len(keys) != len(ds):
+            raise ConfigError(f"data.group_by_shape: {type(ds).__name__}.shape_keys() gave {len(keys)} keys "
+                              f"for {len(ds)} samples (expected one per sample)")
+        self.setup_notes.append(f"data.group_by_shape: each optimizer step draws its batches from one of "
+                                f"{len(set(keys))} shape groups")
+        return keys
+
     def _train_batches_per_epoch(self) -> int:
         n = len(self.loaders["train"])
         if self.fast_dev_run:
@@ -281,6 +304,8 @@ class Trainer:
         if problem:
             raise ConfigError(problem)
         setup_text_log(self.run_dir, self.is_main)
+        for note in self.setup_notes:  # decisions made while building, before the text log existed
+            log.info(note)
         if self.is_main:
             checkpoint.atomic_write_bytes(self.run_dir / "config.yaml", dump_yaml(self.cfg).encode())
 

@@ -220,6 +220,11 @@ class CharadesFeatures(torch.utils.data.Dataset):
         return {**batch, "features": batch["features"][..., :t], "mask": batch["mask"][:, :t],
                 "labels": batch["labels"][:, :t]}
 
+    def shape_keys(self) -> list[int]:
+        """The time length each video is padded to by the collate's rule (data.group_by_shape:
+        videos with one key batch to one shape)."""
+        return [padded_length(t, self.buckets, self.pow2_from) for t in self.num_frames]
+
     def path(self, video_id: str) -> str:
         return os.path.join(self.root, f"{video_id}.npy")
 
