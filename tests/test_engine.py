@@ -186,6 +186,36 @@ def test_run_directory_contract(tmp_path):
     assert (run / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_keep_last_k_keeps_the_newest_periodic_saves_across_a_resume(tmp_path):
+    """8 steps an epoch, a save every 3 steps and at epoch ends: steps 3, 6, 8 | 9, 12, 15, 16.
+    keep_last_k=3 keeps the newest three, also after a resume (the list is in the checkpoint)."""
+    common = [f"trainer.out_dir={tmp_path}", "trainer.ckpt_every_n_steps=3", "trainer.keep_last_k=3",
+              "trainer.run_name=k", "optim.name=adamw"]
+    steps = lambda: sorted(p.name for p in (tmp_path / "k" / "checkpoints").glob("step=*"))  # noqa: E731
+    make_trainer(common + ["trainer.max_epochs=1"], ToyData(64)).fit()
+    assert steps() == ["step=00000003.ckpt", "step=00000006.ckpt", "step=00000008.ckpt"]
+    full = make_trainer(common + ["trainer.max_epochs=2", "trainer.resume=auto"], ToyData(64))
+    full.fit()
+    assert steps() == ["step=00000012.ckpt", "step=00000015.ckpt", "step=00000016.ckpt"]
+    folder = tmp_path / "k" / "checkpoints"
+    assert (folder / "step=00000016.ckpt").read_bytes() == (folder / "last.ckpt").read_bytes()
+    for n in (12, 15):
+        assert torch.load(folder / f"step={n:08d}.ckpt", weights_only=True)["global_step"] == n
+    # going back to an older save and training on lands on the same weights
+    again = make_trainer([f"trainer.out_dir={tmp_path}", "trainer.run_name=back", "optim.name=adamw",
+                          "trainer.max_epochs=2", f"trainer.resume={folder / 'step=00000012.ckpt'}"], ToyData(64))
+    again.fit()
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, again.model.state_dict()[k]), k
+    # without last.ckpt the epoch-end saves are written as step files directly
+    make_trainer([f"trainer.out_dir={tmp_path}", "trainer.run_name=n", "trainer.save_last=false",
+                  "trainer.keep_last_k=1", "trainer.max_epochs=2"], ToyData(64)).fit()
+    assert [p.name for p in (tmp_path / "n" / "checkpoints").glob("step=*")] == ["step=00000016.ckpt"]
+    assert not (tmp_path / "n" / "checkpoints" / "last.ckpt").exists()
+    with pytest.raises(ConfigError, match="trainer.keep_last_k must be a count >= 0, or -1 for all; got -2"):
+        make_trainer([f"trainer.out_dir={tmp_path}", "trainer.keep_last_k=-2"], ToyData(64))
+
+
 def test_early_stopping_and_nonfinite(tmp_path):
     t = make_trainer([f"trainer.out_dir={tmp_path}", "trainer.max_epochs=50", "optim.lr=0.0",
                       "trainer.early_stop_patience=2", "trainer.run_name=es"], ToyData(32))

@@ -63,23 +63,49 @@ def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0
 
 
 class ModelCheckpoint(Callback):
-    """last.ckpt at every epoch end (and every n steps), best.ckpt and the top-k by the monitored metric."""
+    """last.ckpt at every epoch end (and every n steps), best.ckpt and the top-k by the monitored
+    metric; with keep_last_k, the k most recent of those periodic saves as step=<N>.ckpt too (a
+    run that diverged can go back a few saves, not only to the best one)."""
 
     key = "model_checkpoint"
 
     def __init__(self, monitor: str, mode: str, save_top_k: int = 1, save_last: bool = True,
-                 every_n_steps: int = 0) -> None:
+                 every_n_steps: int = 0, keep_last_k: int = 0) -> None:
         self.monitor, self.mode = monitor, mode
         self.save_top_k, self.save_last, self.every_n_steps = save_top_k, save_last, every_n_steps
+        self.keep_last_k = keep_last_k
         self.top_k: list[tuple[float, str]] = []  # (value, file name), best first
         self.best: float | None = None
+        self.recent: list[str] = []  # keep_last_k: step checkpoints on disk, oldest first
 
     def _dir(self, trainer: "Trainer") -> Path:
         return trainer.run_dir / "checkpoints"
 
     def on_train_step_end(self, trainer: "Trainer") -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not trainer.epoch_done:
-            trainer.save_checkpoint(self._dir(trainer) / "last.ckpt")
+            self._save_periodic(trainer, write_last=True)
+
+    def _save_periodic(self, trainer: "Trainer", write_last: bool, epoch_done: bool | None = None) -> None:
+        """last.ckpt (when asked) and, with keep_last_k, step=<N>.ckpt: a hard link to the same
+        bytes, or the file itself when last.ckpt is off. The oldest step files beyond k are deleted
+        only once the new one is on disk; last.ckpt is never one of them."""
+        folder, name = self._dir(trainer), f"step={trainer.global_step:08d}.ckpt"
+        before, evicted = list(self.recent), []
+        if self.keep_last_k:
+            self.recent = [n for n in self.recent if n != name] + [name]  # saved with the list that names it
+            if self.keep_last_k > 0:
+                evicted, self.recent = self.recent[: -self.keep_last_k], self.recent[-self.keep_last_k :]
+        elif not write_last:
+            return
+        target = folder / ("last.ckpt" if write_last else name)
+        if not trainer.save_checkpoint(target, epoch_done=epoch_done):
+            self.recent = before  # nothing written: keep the files we have
+            return
+        if self.keep_last_k and trainer.is_main:
+            if write_last:
+                _replace_with_link(target, folder / name)
+            for old in evicted:
+                (folder / old).unlink(missing_ok=True)
 
     def on_validation_end(self, trainer: "Trainer", metrics: dict) -> None:
         value = metrics.get(self.monitor)
@@ -106,15 +132,15 @@ class ModelCheckpoint(Callback):
                 (folder / old).unlink(missing_ok=True)
 
     def on_train_epoch_end(self, trainer: "Trainer") -> None:
-        if self.save_last:
-            trainer.save_checkpoint(self._dir(trainer) / "last.ckpt", epoch_done=True)
+        self._save_periodic(trainer, write_last=self.save_last, epoch_done=True)
 
     def state_dict(self) -> dict:
-        return {"top_k": [list(t) for t in self.top_k], "best": self.best}
+        return {"top_k": [list(t) for t in self.top_k], "best": self.best, "recent": list(self.recent)}
 
     def load_state_dict(self, state: dict) -> None:
         self.top_k = [(float(v), str(n)) for v, n in state["top_k"]]
         self.best = state["best"]
+        self.recent = [str(n) for n in state.get("recent", [])]
 
 
 def _replace_with_link(src: Path, dst: Path) -> None:

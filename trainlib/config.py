@@ -81,6 +81,7 @@ class TrainerConfig:
     ckpt_every_n_steps: int = opt(0, "also save last.ckpt every n optimizer steps (0: only at epoch ends)")
     save_top_k: int = opt(1, "keep the k best checkpoints by the monitored metric (0: none, -1: all)")
     save_last: bool = opt(True, "keep checkpoints/last.ckpt up to date")
+    keep_last_k: int = opt(0, "also keep the k most recent periodic saves (epoch ends, ckpt_every_n_steps) as checkpoints/step=<N>.ckpt (0: none, -1: all)")
     monitor: str = opt("val/loss", "metric that decides best checkpoints, early stopping and plateau scheduling")
     mode: Literal["min", "max"] = opt("min", "whether the monitored metric should go down (min) or up (max)")
     early_stop_patience: int = opt(0, "stop after this many validations without improvement (0: off)")

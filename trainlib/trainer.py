@@ -107,6 +107,9 @@ class Trainer:
         self.fast_dev_run = (1 if fdr is True else int(fdr)) if fdr not in (False, 0) else 0
         if self.tc.accumulate_grad_batches < 1:
             raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, got {self.tc.accumulate_grad_batches}")
+        for key in ("save_top_k", "keep_last_k"):
+            if getattr(self.tc, key) < -1:
+                raise ConfigError(f"trainer.{key} must be a count >= 0, or -1 for all; got {getattr(self.tc, key)}")
         self.max_seconds = parse_duration(self.tc.max_time)
 
         # --- setup: device, process group, seeds --------------------------------------------------
@@ -323,7 +326,8 @@ class Trainer:
         builtin.append(EarlyStopping(tc.monitor, tc.mode, tc.early_stop_patience, tc.early_stop_min_delta,
                                      check_finite=True))
         if not self.fast_dev_run:
-            builtin.append(ModelCheckpoint(tc.monitor, tc.mode, tc.save_top_k, tc.save_last, tc.ckpt_every_n_steps))
+            builtin.append(ModelCheckpoint(tc.monitor, tc.mode, tc.save_top_k, tc.save_last, tc.ckpt_every_n_steps,
+                                           tc.keep_last_k))
         self.callbacks = [cb for cb in builtin if type(cb) not in have] + self.callbacks
 
     def _resume_path(self) -> Path | None:
@@ -368,15 +372,17 @@ class Trainer:
             "config": to_dict(self.cfg),
         }
 
-    def save_checkpoint(self, path: str | os.PathLike, epoch_done: bool | None = None) -> None:
-        """Every rank calls this (RNG gather); rank 0 writes atomically. Never writes NaN/inf weights."""
+    def save_checkpoint(self, path: str | os.PathLike, epoch_done: bool | None = None) -> bool:
+        """Every rank calls this (RNG gather); rank 0 writes atomically. Never writes NaN/inf
+        weights: returns False (on every rank) when it did not write."""
         finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
         if not bool(finite):  # host sync: checkpoint time only
             log.error(f"not writing {path}: the model has non-finite weights (keeping the previous checkpoint)")
-            return
+            return False
         state = self.state_dict(self.epoch_done if epoch_done is None else epoch_done)
         if self.is_main:
             checkpoint.atomic_save(state, path)
+        return True
 
     def load_checkpoint(self, path: str | os.PathLike, weights_only: bool = False) -> None:
         state = checkpoint.load(path)
