@@ -92,10 +92,13 @@ def compare(ref_out, ref_dir, out, run_dir):
         json.loads((run_dir / "history.json").read_text())[-1]["val/loss"]
 
 
-@pytest.mark.parametrize("nproc, seed, workers", [(1, 11, 0), (2, 23, 0), (1, 37, 2)])
-def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path, nproc, seed, workers):
+@pytest.mark.parametrize("nproc, seed, workers, strategy", [(1, 11, 0, "ddp"), (2, 23, 0, "ddp"), (1, 37, 2, "ddp"),
+                                                        (2, 41, 0, "fsdp")])
+def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path, nproc, seed, workers, strategy):
     ref_out, ref_dir = tmp_path / "ref_out", tmp_path / "runs" / "ref"
     base = [f"data.num_workers={workers}"]  # augmentation drawn in worker processes must replay exactly too
+    if strategy == "fsdp":  # sharded weights and optimizer state, gathered into the same files
+        base += ["trainer.strategy=fsdp", "trainer.fsdp_min_params=1"]
     finish(start(command(nproc, ref_out, ref_dir, base)))
 
     rng = random.Random(seed)

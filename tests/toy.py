@@ -170,8 +170,9 @@ if __name__ == "__main__":
         rank = trainer.env.rank
         out.mkdir(parents=True, exist_ok=True)
         (out / f"seen_rank{rank}.json").write_text(json.dumps(seen_by_epoch))
+        weights = trainer.model_state_dict()  # every rank: a gather under FSDP
         if rank == 0:
-            torch.save(trainer.model.state_dict(), out / "weights.pt")
+            torch.save(weights, out / "weights.pt")
 
     from trainlib.recipe import exit_process, guarded
 

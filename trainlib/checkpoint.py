@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -72,8 +72,10 @@ def load(path: str | os.PathLike) -> dict:
     return state
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load that explains a mismatch: which keys are missing, unexpected, or of another shape."""
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                     load: Callable[[dict[str, torch.Tensor]], None] | None = None) -> None:
+    """Strict load that explains a mismatch: which keys are missing, unexpected, or of another
+    shape. `load` replaces model.load_state_dict once the keys fit (FSDP shards the tensors)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -87,7 +89,7 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
                 parts.append(f"{title} ({len(items)}): {', '.join(items[:8])}{more}")
         raise CheckpointError(f"{source} does not fit this model (was it saved with another model config?): "
                               + "; ".join(parts))
-    model.load_state_dict(state)
+    (load or model.load_state_dict)(state)
 
 
 def export_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from . import __version__, checkpoint, dist, flops, graphs
+from . import __version__, checkpoint, dist, flops, fsdp, graphs
 from .callbacks import Callback, EarlyStopping, History, LRMonitor, ModelCheckpoint
 from .config import Config, ConfigError, DataConfig, LogConfig, OptimConfig, TrainerConfig, dump_yaml, to_dict
 from .data import DeviceLoader, DevicePrefetcher, ShardSampler, batch_size_of, build_loader, map_tensors, to_device
@@ -107,6 +107,8 @@ class Trainer:
         self.fast_dev_run = (1 if fdr is True else int(fdr)) if fdr not in (False, 0) else 0
         if self.tc.accumulate_grad_batches < 1:
             raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, got {self.tc.accumulate_grad_batches}")
+        if self.tc.fsdp_min_params < 1:
+            raise ConfigError(f"trainer.fsdp_min_params must be >= 1, got {self.tc.fsdp_min_params}")
         for key in ("save_top_k", "keep_last_k"):
             if getattr(self.tc, key) < -1:
                 raise ConfigError(f"trainer.{key} must be a count >= 0, or -1 for all; got {getattr(self.tc, key)}")
@@ -136,14 +138,25 @@ class Trainer:
         # overwritten by the next replay: losses are cloned in that mode
         self.mark_compiled_steps = compile_mode in ("reduce-overhead", "max-autotune") and self.device.type == "cuda"
 
-        # --- model: device -> dtype -> sync BN -> compile -> DDP ----------------------------------
+        # --- model: device -> dtype -> sync BN -> (FSDP shards) -> compile -> DDP -----------------
+        self.setup_notes: list[str] = []  # decisions logged once the run's text log exists
         self.model = model.to(self.device, dtype=self.precision.param_dtype)
         use_ddp = self.env.distributed and self.tc.strategy == "ddp"
-        if use_ddp and self.tc.sync_batchnorm:
+        self.sharded = self.env.distributed and self.tc.strategy == "fsdp"
+        if (use_ddp or self.sharded) and self.tc.sync_batchnorm:
             if self.device.type != "cuda":
                 log.warning("trainer.sync_batchnorm=true ignored: SyncBatchNorm needs GPUs (NCCL)")
             else:
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if self.sharded:
+            if self.use_graphs:
+                log.warning("trainer.cuda_graphs=true ignored under trainer.strategy=fsdp: its all-gathers run "
+                            "in module hooks that a whole-step capture does not support; running eagerly")
+                self.use_graphs = False
+            units = fsdp.shard(self.model, self.tc.fsdp_min_params)  # in place: names and keys unchanged
+            self.setup_notes.append(f"trainer.strategy=fsdp: {len(units)} sharding unit(s) over "
+                                    f"{self.env.world_size} ranks: {', '.join(u or '<root>' for u in units[:8])}"
+                                    + (" ..." if len(units) > 8 else ""))
         # compile the inner module (checkpoint keys stay plain), then wrap it in DDP
         self.compiled = (torch.compile(self.model, mode=None if compile_mode == "default" else compile_mode)
                          if compile_mode else self.model)
@@ -162,7 +175,6 @@ class Trainer:
 
         # --- data -----------------------------------------------------------------------------------
         self.loaders: dict[str, Any] = {}
-        self.setup_notes: list[str] = []
         if train_data is not None:
             keys = self._shape_groups(train_data)
             self.train_sampler = ShardSampler(
@@ -355,8 +367,8 @@ class Trainer:
         return {
             "format": checkpoint.FORMAT,
             "version": __version__,
-            "model": self.model.state_dict(),
-            "optimizer": graphs.plain_optimizer_state(self.optimizer.state_dict()),
+            "model": self.model_state_dict(),
+            "optimizer": self._optimizer_state(),
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
@@ -372,10 +384,23 @@ class Trainer:
             "config": to_dict(self.cfg),
         }
 
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights with plain keys. Under FSDP a collective that gathers them to
+        rank 0 (the other ranks get {}): every rank must call it."""
+        return fsdp.full_model_state(self.model) if self.sharded else self.model.state_dict()
+
+    def _optimizer_state(self) -> dict:
+        """Plain (float lrs, parameters by position) and whole: under FSDP gathered to rank 0."""
+        state = fsdp.full_optimizer_state(self.model, self.optimizer) if self.sharded else self.optimizer.state_dict()
+        return graphs.plain_optimizer_state(state) if state else state
+
     def save_checkpoint(self, path: str | os.PathLike, epoch_done: bool | None = None) -> bool:
         """Every rank calls this (RNG gather); rank 0 writes atomically. Never writes NaN/inf
         weights: returns False (on every rank) when it did not write."""
-        finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
+        finite = torch.stack([fsdp.local(p).detach().isfinite().all() for p in self.model.parameters()]).all()
+        if self.sharded:  # each rank checked its own shards
+            finite = finite.to(torch.int32)
+            torch_dist.all_reduce(finite, op=torch_dist.ReduceOp.MIN)
         if not bool(finite):  # host sync: checkpoint time only
             log.error(f"not writing {path}: the model has non-finite weights (keeping the previous checkpoint)")
             return False
@@ -386,10 +411,14 @@ class Trainer:
 
     def load_checkpoint(self, path: str | os.PathLike, weights_only: bool = False) -> None:
         state = checkpoint.load(path)
-        checkpoint.load_model_state(self.model, state["model"], str(path))
+        checkpoint.load_model_state(self.model, state["model"], str(path),
+                                    load=(lambda sd: fsdp.load_model_state(self.model, sd)) if self.sharded else None)
         if weights_only:
             return
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            fsdp.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
         for cb in self.callbacks:
@@ -647,6 +676,8 @@ class Trainer:
         last = len(batches) - 1
         scaler = self.scaler if self.scaler.is_enabled() else None
         for j, batch in enumerate(batches):
+            if self.sharded and last:  # FSDP's no_sync: reduce-scatter on the last micro-batch only
+                self.model.set_requires_gradient_sync(j == last)
             with self.train_module.no_sync() if self.ddp and j < last else _NO_CONTEXT:
                 if self.mark_compiled_steps:
                     torch.compiler.cudagraph_mark_step_begin()
@@ -727,6 +758,8 @@ class Trainer:
                 torch._foreach_mul_(grads, (self.env.world_size / total.clamp_min(1e-12)).to(grads[0].dtype))
         if self.tc.grad_clip > 0:
             norm = nn.utils.clip_grad_norm_(params, self.tc.grad_clip)
+            if self.sharded:  # a DTensor of per-shard norms: the global norm
+                norm = norm.full_tensor()
             if bad is not None:
                 bad = torch.maximum(bad, (~torch.isfinite(norm)).float())
         if bad is not None and self.device_skip and not scaler:
@@ -799,10 +832,12 @@ class Trainer:
     # ---------------------------------------------------------------------------- export/close
     def export(self) -> Path | None:
         """model.safetensors (+ config) in the run directory: best checkpoint's weights if any, else final.
-        Rank 0 only (it wrote best.ckpt itself), so no collective is needed."""
+        Rank 0 only (it wrote best.ckpt itself), so no collective is needed (FSDP: the final
+        weights are gathered first, on every rank)."""
+        final = self.model_state_dict() if self.sharded else None
         if self.is_main:
             best = self.run_dir / "checkpoints" / "best.ckpt"
-            state, source = self.model.state_dict(), "final"
+            state, source = final if final is not None else self.model.state_dict(), "final"
             if best.is_file():
                 state, source = checkpoint.load(best)["model"], "best"
             elif not all(bool(v.isfinite().all()) for v in state.values() if v.is_floating_point()):

@@ -1,0 +1,68 @@
+"""trainer.strategy=fsdp (FSDP2) on 2 gloo ranks: the same training as DDP, the same checkpoint
+files (plain keys, optimizer state by parameter position), and resumes across strategies."""
+import re
+
+import pytest
+import torch
+
+from tests.conftest import torchrun
+from tests.toy import ToyData, make_trainer, toy_model
+from trainlib import ConfigError, checkpoint, load_model
+
+# accumulation (FSDP's no_sync), clipping (a DTensor norm), the device-side skip of the fused step
+FLAGS = ["optim.name=adamw", "trainer.grad_clip=0.5", "trainer.accumulate_grad_batches=2",
+         "trainer.nonfinite=skip", "trainer.save_top_k=1"]
+FSDP = ["trainer.strategy=fsdp", "trainer.fsdp_min_params=1"]  # every Linear its own unit, plus the root
+
+
+def run(tmp_path, name, extra, epochs=3):
+    r = torchrun(2, ["tests/toy.py", str(tmp_path / name), f"trainer.out_dir={tmp_path / 'runs'}",
+                     f"trainer.run_name={name}", f"trainer.max_epochs={epochs}", *FLAGS, *extra])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(tmp_path / name / "weights.pt"), r
+
+
+def assert_close(a, b, atol=1e-6):
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), f"{k}: max diff {(a[k] - b[k]).abs().max()}"
+
+
+def test_fsdp_trains_like_ddp_and_writes_the_same_checkpoint_layout(tmp_path):
+    ddp, _ = run(tmp_path, "ddp", [])
+    sharded, r = run(tmp_path, "fsdp", FSDP)
+    assert "trainer.strategy=fsdp: 3 sharding unit(s) over 2 ranks: 0, 2, <root>" in r.stdout
+    assert_close(ddp, sharded)  # reduce-scatter vs all-reduce: the same mean, other rounding
+    assert not torch.equal(sharded["0.weight"], toy_model().state_dict()["0.weight"])  # it trained
+    a = checkpoint.load(tmp_path / "runs" / "ddp" / "checkpoints" / "last.ckpt")
+    b = checkpoint.load(tmp_path / "runs" / "fsdp" / "checkpoints" / "last.ckpt")
+    assert list(a["model"]) == list(b["model"]) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert all(type(v) is torch.Tensor for v in b["model"].values())  # whole tensors, not shards
+    assert_close(b["model"], sharded, atol=0)
+    oa, ob = a["optimizer"], b["optimizer"]
+    assert [g["params"] for g in ob["param_groups"]] == [g["params"] for g in oa["param_groups"]] == [[0, 1, 2, 3]]
+    assert sorted(ob["state"]) == sorted(oa["state"]) == [0, 1, 2, 3]
+    for i in range(4):
+        assert ob["state"][i]["exp_avg"].shape == oa["state"][i]["exp_avg"].shape
+        assert torch.allclose(ob["state"][i]["exp_avg_sq"], oa["state"][i]["exp_avg_sq"], atol=1e-6)
+    # the export is plain safetensors, loadable without FSDP or a process group
+    model = load_model(tmp_path / "runs" / "fsdp" / "model.safetensors", model=toy_model())
+    best = checkpoint.load(tmp_path / "runs" / "fsdp" / "checkpoints" / "best.ckpt")["model"]
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+
+
+def test_a_ddp_checkpoint_resumes_under_fsdp_and_compile(tmp_path):
+    """One epoch under DDP, then resume=auto under FSDP with torch.compile: the optimizer moments
+    are sharded from the DDP file, and the run ends where three DDP epochs end."""
+    ddp, _ = run(tmp_path, "ddp", [])
+    run(tmp_path, "mixed", [], epochs=1)
+    mixed, r = run(tmp_path, "mixed", FSDP + ["trainer.resume=auto", "trainer.compile=true"])
+    assert re.search(r"resumed from .*last.ckpt: epoch 1, step 3", r.stdout), r.stdout[-2000:]
+    assert_close(ddp, mixed)
+
+
+def test_fsdp_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="trainer.fsdp_min_params must be >= 1, got 0"):
+        make_trainer([f"trainer.out_dir={tmp_path}", "trainer.strategy=fsdp", "trainer.fsdp_min_params=0"], ToyData(16))
+    with pytest.raises(ConfigError, match="config key 'trainer.strategy': expected one of ddp, fsdp, none, got 'deepspeed'"):
+        make_trainer([f"trainer.out_dir={tmp_path}", "trainer.strategy=deepspeed"], ToyData(16))
