@@ -16,6 +16,7 @@ a smaller unit, innermost first, then the root for whatever is left (FSDP1's siz
 """
 from __future__ import annotations
 
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,10 +24,25 @@ from torch import nn
 from .config import ConfigError
 
 
+def _fsdp2() -> Any:
+    """The FSDP2 module: public from torch 2.6, under _composable before."""
+    try:
+        from torch.distributed import fsdp
+
+        fsdp.fully_shard  # noqa: B018
+        return fsdp
+    except (ImportError, AttributeError):
+        try:
+            from torch.distributed._composable import fsdp
+
+            return fsdp
+        except ImportError:
+            raise ConfigError(f"trainer.strategy=fsdp needs FSDP2 (torch >= 2.4); this is torch {torch.__version__}") from None
+
+
 def shard(model: nn.Module, min_params: int) -> list[str]:
     """fully_shard the units of `model` in place (root last); returns their names ('' = root)."""
-    from torch.distributed.fsdp import fully_shard
-
+    fully_shard = _fsdp2().fully_shard
     covered: set[int] = set()
     units: list[str] = []
     for name, module in _post_order(model):
@@ -47,12 +63,6 @@ def _post_order(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Modul
         out += _post_order(child, f"{prefix}{name}.")
     out.append((prefix.rstrip("."), module))
     return out
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
