@@ -4,10 +4,12 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
 from tests.conftest import torchrun
 from tests.toy import ToyData, make_trainer, toy_model
 from trainlib import ConfigError, checkpoint, load_model
+from trainlib.fsdp import plan
 
 # accumulation (FSDP's no_sync), clipping (a DTensor norm), the device-side skip of the fused step
 FLAGS = ["optim.name=adamw", "trainer.grad_clip=0.5", "trainer.accumulate_grad_batches=2",
@@ -59,6 +61,28 @@ def test_a_ddp_checkpoint_resumes_under_fsdp_and_compile(tmp_path):
     mixed, r = run(tmp_path, "mixed", FSDP + ["trainer.resume=auto", "trainer.compile=true"])
     assert re.search(r"resumed from .*last.ckpt: epoch 1, step 3", r.stdout), r.stdout[-2000:]
     assert_close(ddp, mixed)
+
+
+def test_sharding_units_skip_containers_without_forward():
+    class Block(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.a, self.b = nn.Linear(n, n), nn.Linear(n, n)  # 2 x (n*n + n)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(4, 16)                                  # 80
+            self.blocks = nn.ModuleList([Block(16), Block(16)])           # 544 each
+            self.heads = nn.ModuleDict({"x": nn.Linear(16, 2)})           # 34
+
+    names = [n for n, _ in plan(Net(), 300)]
+    assert names == ["blocks.0", "blocks.1", ""]  # a Linear (272) is too small; the ModuleList cannot be one
+    assert [n for n, _ in plan(Net(), 80)] == ["stem", "blocks.0.a", "blocks.0.b", "blocks.1.a", "blocks.1.b", ""]
+    assert [n for n, _ in plan(Net(), 10_000)] == [""]
 
 
 def test_fsdp_config_errors(tmp_path):

@@ -40,21 +40,28 @@ def _fsdp2() -> Any:
             raise ConfigError(f"trainer.strategy=fsdp needs FSDP2 (torch >= 2.4); this is torch {torch.__version__}") from None
 
 
-def shard(model: nn.Module, min_params: int) -> list[str]:
-    """fully_shard the units of `model` in place (root last); returns their names ('' = root)."""
-    fully_shard = _fsdp2().fully_shard
+def plan(model: nn.Module, min_params: int) -> list[tuple[str, nn.Module]]:
+    """The sharding units, innermost first, the root ('') last. A container without a forward of
+    its own (ModuleList, ModuleDict) cannot be a unit: its parameters go to the module using it."""
     covered: set[int] = set()
-    units: list[str] = []
+    units: list[tuple[str, nn.Module]] = []
     for name, module in _post_order(model):
-        if module is model:
+        if module is model or type(module).forward is nn.Module.forward:
             continue
         own = [p for p in module.parameters() if id(p) not in covered]
         if sum(p.numel() for p in own) >= min_params:
-            fully_shard(module)
             covered.update(id(p) for p in own)
-            units.append(name)
-    fully_shard(model)
-    return units + [""]
+            units.append((name, module))
+    return units + [("", model)]
+
+
+def shard(model: nn.Module, min_params: int) -> list[str]:
+    """fully_shard the units of `model` in place (see `plan`); returns their names ('' = root)."""
+    fully_shard = _fsdp2().fully_shard
+    units = plan(model, min_params)
+    for _, module in units:
+        fully_shard(module)
+    return [name for name, _ in units]
 
 
 def _post_order(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
