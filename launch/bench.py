@@ -211,7 +211,7 @@ def hand_written(w: Workload, run: Run, fused: bool = False) -> list[float]:
     dev = run.device
     torch.manual_seed(0)
     model = w.make_model().to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=run.lr, fused=fused)
+    opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0, fused=fused)
     loader = DataLoader(w.dataset, batch_size=run.batch, shuffle=True, drop_last=True,
                         pin_memory=dev.type == "cuda")
     clock = Clock(run)
@@ -243,7 +243,8 @@ def hand_graphed(w: Workload, run: Run, compile_model: bool = True, warmup_iters
         raise RuntimeError("CUDA graphs need a GPU")
     torch.manual_seed(0)
     model = w.make_model().to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(run.lr, device=dev), fused=True, capturable=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(run.lr, device=dev), weight_decay=0.0, fused=True,
+                            capturable=True)
     net = torch.compile(model) if compile_model else model
     batches = [_to(b, dev) for b in DataLoader(w.dataset, batch_size=run.batch, shuffle=False, drop_last=True)]
     static = _map(batches[0], torch.clone)
@@ -349,7 +350,7 @@ def lightning_variant(w: Workload, run: Run) -> list[float]:
             return loss
 
         def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=run.lr)
+            return torch.optim.AdamW(self.parameters(), lr=run.lr, weight_decay=0.0)
 
     class Stamps(L.Callback):
         def __init__(self):

@@ -261,19 +261,23 @@ def test_graph_bookkeeping_replays_the_eager_run_exactly(tmp_path, monkeypatch, 
 def test_graph_bookkeeping_under_two_process_ddp_matches_eager_ddp(tmp_path):
     """2 gloo ranks with the torch.cuda stand-in: the ranks agree on every step's shape (a host-side
     all-reduce), warm up 11 steps (DDP), capture together and replay; weights equal eager DDP."""
-    flags = ["trainer.max_epochs=5", "data.batch_size=8", "trainer.save_top_k=0", "optim.name=adamw",
-             "optim.scheduler=cosine", "--toy-n=100"]
-    r = torchrun(2, ["tests/toy.py", str(tmp_path / "e"), f"trainer.out_dir={tmp_path}/re", "--toy-lr_tensor=1", *flags])
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(2, ["tests/toy.py", str(tmp_path / "g"), f"trainer.out_dir={tmp_path}/rg", "--toy-fake_graphs=1", *flags])
-    assert r.returncode == 0, r.stderr[-3000:]
-    for rank in (0, 1):
-        report = json.loads((tmp_path / "g" / f"graphs_rank{rank}.json").read_text())
+    reports = _eager_and_graphed_ddp(tmp_path, ["trainer.max_epochs=5", "optim.scheduler=cosine"])
+    for report in reports:
         # 50 samples a rank: 6 batches of 8 and one of 2 per epoch; only the full shape reaches 11 warm-ups
         assert report == {"graphs": 2, "captures": 1, "replays": 5 * 6 - 11}, report
+
+
+def _eager_and_graphed_ddp(tmp_path, extra):
+    """tests/toy.py on 2 gloo ranks twice, eagerly (lr as a tensor, like the graphed run) and with
+    the torch.cuda stand-in: asserts equal weights, returns each rank's graph report."""
+    flags = ["data.batch_size=8", "trainer.save_top_k=0", "optim.name=adamw", "--toy-n=100", *extra]
+    for name, mode in (("e", "--toy-lr_tensor=1"), ("g", "--toy-fake_graphs=1")):
+        r = torchrun(2, ["tests/toy.py", str(tmp_path / name), f"trainer.out_dir={tmp_path}/r{name}", mode, *flags])
+        assert r.returncode == 0, r.stderr[-3000:]
     a, b = torch.load(tmp_path / "e" / "weights.pt"), torch.load(tmp_path / "g" / "weights.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    return [json.loads((tmp_path / "g" / f"graphs_rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
 def test_group_by_shape_auto_follows_cuda_graphs_and_true_needs_shape_keys(tmp_path, monkeypatch):
@@ -301,20 +305,11 @@ def test_shape_grouping_lets_ragged_batches_replay_under_two_process_ddp(tmp_pat
     torch.cuda stand-in and data.group_by_shape=true: every step's batches share one length on
     both ranks, so each of the 3 lengths is warmed up, captured and replayed; weights equal the
     eager DDP run with the same grouping."""
-    flags = ["trainer.max_epochs=10", "data.batch_size=8", "trainer.save_top_k=0", "optim.name=adamw",
-             "--toy-n=100", "--toy-ragged=1", "data.group_by_shape=true"]
-    r = torchrun(2, ["tests/toy.py", str(tmp_path / "e"), f"trainer.out_dir={tmp_path}/re", "--toy-lr_tensor=1", *flags])
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(2, ["tests/toy.py", str(tmp_path / "g"), f"trainer.out_dir={tmp_path}/rg", "--toy-fake_graphs=1", *flags])
-    assert r.returncode == 0, r.stderr[-3000:]
-    for rank in (0, 1):
-        report = json.loads((tmp_path / "g" / f"graphs_rank{rank}.json").read_text())
+    reports = _eager_and_graphed_ddp(tmp_path, ["trainer.max_epochs=10", "--toy-ragged=1", "data.group_by_shape=true"])
+    for report in reports:
         # per epoch each length fills 2 runs of 16 samples (2 steps); 4 leftovers make a last step of
         # 2 per rank, seen 10 times at most: never past the 11 warm-ups. 3 x (20 - 11) replays.
         assert report["captures"] == 3 and report["replays"] == 27, report
-    a, b = torch.load(tmp_path / "e" / "weights.pt"), torch.load(tmp_path / "g" / "weights.pt")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def _agreement_worker(rank, init_file, results):
