@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -32,7 +33,7 @@ from recipes.pdan import recipe as pdan_recipe
 from tests.conftest import ROOT, torchrun
 from trainlib.callbacks import Callback
 from trainlib.config import ConfigError
-from trainlib.hpo import check_space, main, read_hyperparams
+from trainlib.hpo import check_space, main, read_hyperparams, sqlite_folder
 
 optuna = pytest.importorskip("optuna")
 
@@ -170,7 +171,7 @@ def test_pruning_stops_every_rank_at_the_same_step(tmp_path):
 
 def test_one_process_failed_and_nonfinite_trials_are_recorded_and_the_study_goes_on(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HPO_TOY_FAIL", "0=raise,1=nan")
-    db = tmp_path / "study.db"
+    db = tmp_path / "studies" / "study.db"  # a folder that does not exist yet: created for the sqlite file
     args = ["recipe=tests.test_hyperopt", "hpo.n_trials=3", "hpo.study_name=one", f"hpo.storage=sqlite:///{db}",
             "hpo.final=false", f"trainer.out_dir={tmp_path}", *TINY]
     assert main(args) == 0
@@ -257,6 +258,13 @@ def test_bad_input_is_one_clear_error_before_anything_runs(tmp_path, capsys):
     assert main(["recipe=pdan", "--help"]) == 0
     out = capsys.readouterr().out
     assert "hpo.train_fraction" in out and "model.num_channels" in out and "optim.lr" in out
+
+
+def test_sqlite_folder_of_storage_urls():
+    assert sqlite_folder("sqlite:////abs/dir/s.db") == Path("/abs/dir")
+    assert sqlite_folder("sqlite:///rel/s.db?timeout=30") == Path("rel")
+    assert sqlite_folder("sqlite:///s.db") == Path(".")
+    assert sqlite_folder("sqlite:///:memory:") == sqlite_folder("postgresql://u@h/db") == Path(".")
 
 
 def test_space_checks_and_yaml_section(tmp_path):

@@ -657,6 +657,14 @@ def cleanup_trial(run_dir: Path) -> None:
 # The study (rank 0)
 
 
+def sqlite_folder(url: str) -> Path:
+    """The folder of an sqlite:/// storage file ('.' for other URLs and in-memory sqlite)."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url[len(prefix):] in ("", ":memory:"):
+        return Path(".")
+    return Path(url[len(prefix):].split("?", 1)[0]).parent
+
+
 def open_study(s: Setup) -> Any:
     """Create, or continue (same name in the same storage), the study. Trials a killed session left
     RUNNING are marked failed, listed in the study's `interrupted` attribute (not counted) and queued
@@ -667,6 +675,7 @@ def open_study(s: Setup) -> Any:
     storage = h.storage or None
     existing = 0
     if storage:
+        sqlite_folder(storage).mkdir(parents=True, exist_ok=True)  # sqlite creates the file, not its folder
         try:
             existing = len(optuna.load_study(study_name=s.study_name, storage=storage).trials)
         except KeyError:
