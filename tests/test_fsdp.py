@@ -63,6 +63,17 @@ def test_a_ddp_checkpoint_resumes_under_fsdp_and_compile(tmp_path):
     assert_close(ddp, mixed)
 
 
+def test_param_groups_follow_the_parameters_fsdp_replaces(tmp_path):
+    """Groups built from the model's parameters before sharding (a recipe's param_groups) must
+    reach the sharded DTensors: layer 0 trains like DDP, layer 2 (lr 0) stays where it started."""
+    ddp, _ = run(tmp_path, "ddp", ["--toy-freeze_last=1"], epochs=2)
+    sharded, _ = run(tmp_path, "fsdp", FSDP + ["--toy-freeze_last=1"], epochs=2)
+    start = toy_model().state_dict()
+    assert not torch.equal(sharded["0.weight"], start["0.weight"])
+    assert torch.equal(sharded["2.weight"], start["2.weight"]) and torch.equal(ddp["2.weight"], start["2.weight"])
+    assert_close(ddp, sharded)
+
+
 def test_sharding_units_skip_containers_without_forward():
     class Block(nn.Module):
         def __init__(self, n):

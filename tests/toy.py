@@ -104,7 +104,7 @@ def make_trainer(overrides: list[str], data: ToyData | None = None, model: nn.Mo
 
 
 def split_toy_flags(argv: list[str]) -> tuple[dict[str, float], list[str]]:
-    """--toy-NAME=VALUE flags (augment, dropout, delay, buffer_mb, n, ragged, lr_tensor, fake_graphs) vs trainer overrides."""
+    """--toy-NAME=VALUE flags (augment, dropout, delay, buffer_mb, n, ragged, freeze_last, lr_tensor, fake_graphs) vs trainer overrides."""
     flags, rest = {}, []
     for a in argv:
         if a.startswith("--toy-"):
@@ -122,7 +122,10 @@ if __name__ == "__main__":
     data = ToyData(int(flags.get("n", 96)), augment=bool(flags.get("augment", 0)), delay=flags.get("delay", 0.0),
                    ragged=ragged)
     model = toy_model(dropout=flags.get("dropout", 0.0), buffer_mb=int(flags.get("buffer_mb", 0)))
-    trainer = make_trainer(overrides, data, model, **({"collate_fn": ragged_collate} if ragged else {}))
+    kw: dict = {"collate_fn": ragged_collate} if ragged else {}
+    if flags.get("freeze_last"):  # two param groups: the last layer's lr is 0
+        kw["param_groups"] = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.0}]
+    trainer = make_trainer(overrides, data, model, **kw)
     seen_by_epoch: dict[int, list[int]] = {}
 
     from trainlib.callbacks import Callback

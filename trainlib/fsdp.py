@@ -64,6 +64,25 @@ def shard(model: nn.Module, min_params: int) -> list[str]:
     return [name for name, _ in units]
 
 
+def named_groups(model: nn.Module, groups: list[dict]) -> list[dict]:
+    """Optimizer param groups with parameter names in place of the parameters (before `shard`,
+    which replaces every parameter object)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for g in groups:
+        params = list(g["params"]) if isinstance(g, dict) else list(g)
+        if any(id(p) not in names for p in params):
+            raise ConfigError("param_groups: a group holds a parameter that is not in the model")
+        out.append({**(g if isinstance(g, dict) else {}), "params": [names[id(p)] for p in params]})
+    return out
+
+
+def resolve_groups(model: nn.Module, groups: list[dict]) -> list[dict]:
+    """named_groups back to parameters, the sharded ones (after `shard`)."""
+    params = dict(model.named_parameters())
+    return [{**g, "params": [params[n] for n in g["params"]]} for g in groups]
+
+
 def _post_order(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     out: list[tuple[str, nn.Module]] = []
     for name, child in module.named_children():
