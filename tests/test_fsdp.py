@@ -9,7 +9,7 @@ from torch import nn
 from tests.conftest import torchrun
 from tests.toy import ToyData, make_trainer, toy_model
 from trainlib import ConfigError, checkpoint, load_model
-from trainlib.fsdp import plan
+from trainlib.fsdp import _named_groups, plan
 
 # accumulation (FSDP's no_sync), clipping (a DTensor norm), the device-side skip of the fused step
 FLAGS = ["optim.name=adamw", "trainer.grad_clip=0.5", "trainer.accumulate_grad_batches=2",
@@ -94,6 +94,12 @@ def test_sharding_units_skip_containers_without_forward():
     assert names == ["blocks.0", "blocks.1", ""]  # a Linear (272) is too small; the ModuleList cannot be one
     assert [n for n, _ in plan(Net(), 80)] == ["stem", "blocks.0.a", "blocks.0.b", "blocks.1.a", "blocks.1.b", ""]
     assert [n for n, _ in plan(Net(), 10_000)] == [""]
+    net = Net()  # param groups travel by name: dict groups and a plain list of parameters alike
+    assert _named_groups(net, [{"params": net.stem.parameters(), "lr": 0.1}]) == \
+        [{"params": ["stem.weight", "stem.bias"], "lr": 0.1}]
+    assert _named_groups(net, list(net.heads.parameters())) == [{"params": ["heads.x.weight", "heads.x.bias"]}]
+    with pytest.raises(ConfigError, match="a group holds a parameter that is not in the model"):
+        _named_groups(net, [nn.Parameter(torch.zeros(2))])
 
 
 def test_fsdp_config_errors(tmp_path):

@@ -55,32 +55,35 @@ def plan(model: nn.Module, min_params: int) -> list[tuple[str, nn.Module]]:
     return units + [("", model)]
 
 
-def shard(model: nn.Module, min_params: int) -> list[str]:
-    """fully_shard the units of `model` in place (see `plan`); returns their names ('' = root)."""
+def shard(model: nn.Module, min_params: int, param_groups: list[dict] | None = None) -> tuple[list[str], list | None]:
+    """fully_shard the units of `model` in place (see `plan`). Returns their names ('' = root)
+    and `param_groups` (built from the model's parameters before) pointing at the sharded
+    parameters: sharding swaps every parameter for a DTensor, by name."""
     fully_shard = _fsdp2().fully_shard
+    by_name = _named_groups(model, param_groups) if param_groups else None
     units = plan(model, min_params)
     for _, module in units:
         fully_shard(module)
-    return [name for name, _ in units]
+    if by_name:
+        params = dict(model.named_parameters())
+        param_groups = [{**g, "params": [params[n] for n in g["params"]]} for g in by_name]
+    return [name for name, _ in units], param_groups
 
 
-def named_groups(model: nn.Module, groups: list[dict]) -> list[dict]:
-    """Optimizer param groups with parameter names in place of the parameters (before `shard`,
-    which replaces every parameter object)."""
+def _named_groups(model: nn.Module, groups: list) -> list[dict]:
+    """Optimizer param groups (dicts, or one plain list of parameters) with parameter names in
+    place of the parameters."""
+    groups = list(groups)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
     names = {id(p): n for n, p in model.named_parameters()}
     out = []
     for g in groups:
-        params = list(g["params"]) if isinstance(g, dict) else list(g)
+        params = list(g["params"])
         if any(id(p) not in names for p in params):
             raise ConfigError("param_groups: a group holds a parameter that is not in the model")
-        out.append({**(g if isinstance(g, dict) else {}), "params": [names[id(p)] for p in params]})
+        out.append({**g, "params": [names[id(p)] for p in params]})
     return out
-
-
-def resolve_groups(model: nn.Module, groups: list[dict]) -> list[dict]:
-    """named_groups back to parameters, the sharded ones (after `shard`)."""
-    params = dict(model.named_parameters())
-    return [{**g, "params": [params[n] for n in g["params"]]} for g in groups]
 
 
 def _post_order(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:

@@ -153,10 +153,8 @@ class Trainer:
                 log.warning("trainer.cuda_graphs=true ignored under trainer.strategy=fsdp: its all-gathers run "
                             "in module hooks that a whole-step capture does not support; running eagerly")
                 self.use_graphs = False
-            by_name = fsdp.named_groups(self.model, param_groups) if param_groups else None
-            units = fsdp.shard(self.model, self.tc.fsdp_min_params)  # in place: names and keys unchanged
-            if by_name:  # sharding swapped every parameter for a DTensor: point the groups at the new ones
-                param_groups = fsdp.resolve_groups(self.model, by_name)
+            # in place: names and keys unchanged; the groups follow the parameters it replaces
+            units, param_groups = fsdp.shard(self.model, self.tc.fsdp_min_params, param_groups)
             self.setup_notes.append(f"trainer.strategy=fsdp: {len(units)} sharding unit(s) over "
                                     f"{self.env.world_size} ranks: {', '.join(u or '<root>' for u in units[:8])}"
                                     + (" ..." if len(units) > 8 else ""))
