@@ -38,7 +38,7 @@ class FakeCUDA:
 
         self.Graph = Graph
 
-    def graph(self, g: Any, pool: Any = None, capture_error_mode: str = "global"):
+    def graph(self, g: Any, pool: Any = None, stream: Any = None, capture_error_mode: str = "global"):
         t = self.trainer
 
         @contextlib.contextmanager

@@ -9,7 +9,8 @@ the same computation as the eager step, and how this module ensures it:
 - static shapes: one graph per batch signature (shapes and dtypes of every tensor leaf); a new
   signature runs `WARMUP` eager steps first (DDP: 11, it rebuilds its buckets after the first);
 - warm-up on a side stream, with the static buffers, so autograd and the optimizer create their
-  lazily allocated state (optimizer moments, cuBLAS workspaces) outside the capture;
+  lazily allocated state (optimizer moments, cuBLAS workspaces) outside the capture; the capture
+  runs on that same stream;
 - no host syncs inside the step: the optimizer runs with `capturable=True` and the learning rate
   lives in a device tensor that the schedule fills before each replay (optim.LRSchedule);
 - graph-owned outputs are cloned right after each replay, before any other replay can overwrite
@@ -161,7 +162,9 @@ class StepGraphs:
     def _capture(self, g: _Graph) -> bool:
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            # captured on the warm-up stream: NCCL (2.28+ window registration, multi-node IB) wants
+            # the collectives of warm-up and capture on one stream (vLLM PR 29207, torchtitan PR 2922)
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.side, capture_error_mode="thread_local"):
                 out = self.step_fn(g.static)
         except Exception as e:  # a host sync or unsupported op in the step: say so, run eagerly
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
