@@ -293,6 +293,13 @@ def test_group_by_shape_auto_follows_cuda_graphs_and_true_needs_shape_keys(tmp_p
     assert make_trainer(base + ["trainer.cuda_graphs=true"], ToyData(40)).train_sampler.groups == [4] * 40
     assert make_trainer(base + ["trainer.cuda_graphs=true", "data.group_by_shape=false"],
                         ToyData(40)).train_sampler.groups is None
+    # through hyperopt's wrappers: a Subset (train fraction) and a ConcatDataset (train + val)
+    ragged = ToyData(40, ragged=True)
+    sub = make_trainer(base + ["trainer.cuda_graphs=true"], torch.utils.data.Subset(ragged, [5, 6, 7, 8]))
+    assert sub.train_sampler.groups == [4, 2, 3, 4]
+    both = torch.utils.data.ConcatDataset([ragged, ToyData(10)])
+    assert make_trainer(base + ["trainer.cuda_graphs=true"], both).train_sampler.groups == \
+        [2 + i % 3 for i in range(40)] + [4] * 10
     tensors = TensorDataset(torch.randn(40, 4, 6), torch.randn(40, 4, 1), torch.ones(40, 4))
     assert make_trainer(base + ["trainer.cuda_graphs=true"], tensors).train_sampler.groups is None  # no keys: off
     with pytest.raises(ConfigError, match=r"data.group_by_shape=true: the train dataset \(TensorDataset\) has no "

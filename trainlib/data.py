@@ -240,6 +240,21 @@ class BatchFetch(Dataset):
         return ds.get_batch(indices)  # type: ignore[attr-defined]
 
 
+def shape_keys(dataset: Any) -> list | None:
+    """One key per sample saying what shape it collates to (`dataset.shape_keys()`), also through
+    Subset and ConcatDataset (hyperopt's train fraction, its final train+val run); None if unknown."""
+    own = getattr(dataset, "shape_keys", None)
+    if callable(own):
+        return list(own())
+    if isinstance(dataset, torch.utils.data.Subset):
+        inner = shape_keys(dataset.dataset)
+        return None if inner is None else [inner[i] for i in dataset.indices]
+    if isinstance(dataset, torch.utils.data.ConcatDataset):
+        parts = [shape_keys(d) for d in dataset.datasets]
+        return None if any(p is None for p in parts) else [k for p in parts for k in p]  # type: ignore[union-attr]
+    return None
+
+
 def fetches_batches(dataset: Any) -> bool:
     return isinstance(dataset, TensorDataset) or callable(getattr(dataset, "get_batch", None))
 

@@ -29,7 +29,8 @@ from torch import nn
 from . import __version__, checkpoint, dist, flops, fsdp, graphs
 from .callbacks import Callback, EarlyStopping, History, LRMonitor, ModelCheckpoint
 from .config import Config, ConfigError, DataConfig, LogConfig, OptimConfig, TrainerConfig, dump_yaml, to_dict
-from .data import DeviceLoader, DevicePrefetcher, ShardSampler, batch_size_of, build_loader, map_tensors, to_device
+from .data import (DeviceLoader, DevicePrefetcher, ShardSampler, batch_size_of, build_loader, map_tensors,
+                   shape_keys, to_device)
 from .loggers import ConsoleLogger, Logger, build_loggers, log, setup_text_log
 from .metrics import MeanMetric, Metric
 from .optim import LRSchedule, build_optimizer, trainable_params
@@ -250,15 +251,14 @@ class Trainer:
     def _shape_groups(self, ds: Any) -> list | None:
         """data.group_by_shape: the train dataset's shape keys when grouping is on, else None."""
         setting = self.cfg.data.group_by_shape
-        shape_keys = getattr(ds, "shape_keys", None)
+        keys = shape_keys(ds) if setting else None
         if setting == "auto":
-            setting = self.use_graphs and callable(shape_keys)
+            setting = self.use_graphs and keys is not None
         if not setting:
             return None
-        if not callable(shape_keys):
+        if keys is None:
             raise ConfigError(f"data.group_by_shape=true: the train dataset ({type(ds).__name__}) has no "
                               "shape_keys() method saying which samples collate to the same shape")
-        keys = list(shape_keys())
         if len(keys) != len(ds):
             raise ConfigError(f"data.group_by_shape: {type(ds).__name__}.shape_keys() gave {len(keys)} keys "
                               f"for {len(ds)} samples (expected one per sample)")
