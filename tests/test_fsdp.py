@@ -1,5 +1,6 @@
 """trainer.strategy=fsdp (FSDP2) on 2 gloo ranks: the same training as DDP, the same checkpoint
 files (plain keys, optimizer state by parameter position), and resumes across strategies."""
+import json
 import re
 
 import pytest
@@ -35,6 +36,11 @@ def test_fsdp_trains_like_ddp_and_writes_the_same_checkpoint_layout(tmp_path):
     sharded, r = run(tmp_path, "fsdp", FSDP)
     assert "trainer.strategy=fsdp: 3 sharding unit(s) over 2 ranks: 0, 2, <root>" in r.stdout
     assert_close(ddp, sharded)  # reduce-scatter vs all-reduce: the same mean, other rounding
+    # each rank holds its dim-0 shard of the 129 parameters and of the Adam moments (DDP: all of
+    # them): 8 of the 16 rows of layer 0 (+ bias) each; the 1-row output layer sits on rank 0
+    held = [json.loads((tmp_path / "fsdp" / f"held_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [h["params"] for h in held] == [h["exp_avg"] for h in held] == [48 + 8 + 16 + 1, 48 + 8]
+    assert json.loads((tmp_path / "ddp" / "held_rank1.json").read_text()) == {"params": 129, "exp_avg": 129}
     assert not torch.equal(sharded["0.weight"], toy_model().state_dict()["0.weight"])  # it trained
     a = checkpoint.load(tmp_path / "runs" / "ddp" / "checkpoints" / "last.ckpt")
     b = checkpoint.load(tmp_path / "runs" / "fsdp" / "checkpoints" / "last.ckpt")

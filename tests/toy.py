@@ -174,6 +174,11 @@ if __name__ == "__main__":
         out.mkdir(parents=True, exist_ok=True)
         (out / f"seen_rank{rank}.json").write_text(json.dumps(seen_by_epoch))
         weights = trainer.model_state_dict()  # every rank: a gather under FSDP
+        from trainlib.fsdp import local
+
+        held = {"params": sum(local(p).numel() for p in trainer.model.parameters()),  # this rank's share
+                "exp_avg": sum(local(s["exp_avg"]).numel() for s in trainer.optimizer.state.values() if "exp_avg" in s)}
+        (out / f"held_rank{rank}.json").write_text(json.dumps(held))
         if rank == 0:
             torch.save(weights, out / "weights.pt")
 
