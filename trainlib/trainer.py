@@ -759,9 +759,9 @@ class Trainer:
                 torch._foreach_mul_(grads, (self.env.world_size / total.clamp_min(1e-12)).to(grads[0].dtype))
         if self.tc.grad_clip > 0:
             norm = nn.utils.clip_grad_norm_(params, self.tc.grad_clip)
-            if self.sharded:  # a DTensor of per-shard norms: the global norm
-                norm = norm.full_tensor()
             if bad is not None:
+                if self.sharded:  # a DTensor of per-shard norms: the global one (a device collective)
+                    norm = norm.full_tensor()
                 bad = torch.maximum(bad, (~torch.isfinite(norm)).float())
         if bad is not None and self.device_skip and not scaler:
             self.optimizer.grad_scale, self.optimizer.found_inf = None, bad  # fused step: skipped on device
@@ -833,12 +833,12 @@ class Trainer:
     # ---------------------------------------------------------------------------- export/close
     def export(self) -> Path | None:
         """model.safetensors (+ config) in the run directory: best checkpoint's weights if any, else final.
-        Rank 0 only (it wrote best.ckpt itself), so no collective is needed (FSDP: the final
-        weights are gathered first, on every rank)."""
-        final = self.model_state_dict() if self.sharded else None
+        Written by rank 0 (it wrote best.ckpt itself); every rank calls it (FSDP gathers the final
+        weights)."""
+        final = self.model_state_dict()
         if self.is_main:
             best = self.run_dir / "checkpoints" / "best.ckpt"
-            state, source = final if final is not None else self.model.state_dict(), "final"
+            state, source = final, "final"
             if best.is_file():
                 state, source = checkpoint.load(best)["model"], "best"
             elif not all(bool(v.isfinite().all()) for v in state.values() if v.is_floating_point()):
