@@ -25,7 +25,9 @@ Options:
   -r, --recipe NAME     recipe package under recipes/ (pdan, mvfoul, segformer, xca, panollava).
                         Default: the config's top-level \`recipe:\` key; one of the two is required.
   -g, --gpus IDS        GPU ids, e.g. "1,2,3": sets CUDA_VISIBLE_DEVICES=1,2,3 and starts one
-                        process per id. Default: all visible GPUs (see -d).
+                        process per id. Refuses to start when no GPU is visible or an id is not
+                        below the count \`nvidia-smi -L\` lists (not checked with -n).
+                        Default: all visible GPUs (see -d).
   -d, --devices N       processes per node; -1 = one per visible GPU (CUDA_VISIBLE_DEVICES when
                         set, else \`nvidia-smi -L\`), 1 when there is no GPU. With -g it must be
                         -1 or the number of ids. Default: -1.
@@ -133,6 +135,32 @@ count_visible_gpus() {
     else
         echo 0
     fi
+}
+
+# -g ids must name GPUs of this machine: CUDA ignores ids it cannot find, so without this check
+# `-g 9` on a machine with fewer GPUs (or none) would train on the CPU without a word. Exits 2
+# with one line naming the ids asked for and what is visible. Numeric ids are checked against
+# the count `nvidia-smi -L` lists; UUID / MIG ids only need some GPU to be visible.
+check_gpu_ids() {
+    local asked=$1 listing count id
+    shift
+    local hint="-g needs GPUs; use -d N to start N CPU processes instead"
+    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" && (-z "${CUDA_VISIBLE_DEVICES}" || "${CUDA_VISIBLE_DEVICES}" == -*) ]]; then
+        die "-g ${asked}: no GPU is visible (CUDA_VISIBLE_DEVICES='${CUDA_VISIBLE_DEVICES}' hides them all); ${hint}"
+    fi
+    if ! command -v nvidia-smi >/dev/null 2>&1; then
+        die "-g ${asked}: no GPU is visible (nvidia-smi not found); ${hint}"
+    fi
+    listing=$(nvidia-smi -L 2>/dev/null || true)
+    count=$(grep -c '^GPU ' <<<"${listing}" || true)
+    if ((count < 1)); then
+        die "-g ${asked}: no GPU is visible (nvidia-smi -L lists none); ${hint}"
+    fi
+    for id in "$@"; do
+        if [[ "${id}" =~ ^[0-9]+$ ]] && ((10#${id} >= count)); then
+            die "-g ${asked}: there is no GPU ${id}: nvidia-smi -L lists ${count} GPU(s), ids 0-$((count - 1))"
+        fi
+    done
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +377,7 @@ if ((dry_run)); then
 fi
 
 if [[ -n "${gpu_list}" ]]; then
+    check_gpu_ids "${gpu_list}" "${gpu_ids[@]}"
     export CUDA_VISIBLE_DEVICES="${gpu_list}"
 fi
 

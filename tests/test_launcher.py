@@ -293,7 +293,8 @@ def fake_launcher(tmp_path: Path) -> str:
     return f"{sys.executable} {p}"
 
 
-def test_foreground_run_execs_the_command(launch, fake_launcher):
+def test_foreground_run_execs_the_command(launch, fakebin, fake_launcher):
+    _write_exe(fakebin / "nvidia-smi", list_gpus(4))  # -g 3,1 needs GPUs 3 and 1 to exist
     r = launch("-r", "pdan", "-g", "3,1", "trainer.max_epochs=2", env={"TRAINLIB_TORCHRUN": fake_launcher})
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
@@ -303,6 +304,69 @@ def test_foreground_run_execs_the_command(launch, fake_launcher):
     # the launcher's exit status is the script's
     r = launch("-r", "pdan", env={"TRAINLIB_TORCHRUN": fake_launcher, "FAKE_RC": "3"})
     assert r.returncode == 3
+
+
+def list_gpus(n: int) -> str:
+    """A fake nvidia-smi whose -L lists n GPUs (with a MIG line under the first, not a GPU)."""
+    lines = [f"echo 'GPU {i}: NVIDIA H100 (UUID: GPU-{i})'" for i in range(n)]
+    if n:
+        lines.insert(1, "echo '  MIG 3g.40gb Device 0: (UUID: MIG-x)'")
+    return "#!/bin/sh\n[ \"$1\" = -L ] || exit 1\n" + "".join(f"{line}\n" for line in lines)
+
+
+NO_GPU_HINT = "-g needs GPUs; use -d N to start N CPU processes instead"
+
+
+def test_gpus_that_are_not_there_are_refused(launch, fakebin, fake_launcher, tmp_path):
+    """-g 9 without that GPU used to train on the CPU silently: it must stop with one line, exit 2,
+    before the launcher runs (the fake launcher would print its argv on stdout)."""
+    env = {"TRAINLIB_TORCHRUN": fake_launcher}
+
+    def refused(*args, **kw):
+        r = launch("-r", "pdan", *args, env={**env, **kw.pop("env", {})}, **kw)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert r.stdout == ""
+        assert len(r.stderr.splitlines()) == 1, r.stderr
+        return r.stderr
+
+    # no nvidia-smi at all (a PATH with only what the script needs before the check)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    os.symlink(shutil.which("dirname"), bare / "dirname")
+    assert refused("-g", "9", path=str(bare)) == (
+        f"launch/train_ddp.sh: error: -g 9: no GPU is visible (nvidia-smi not found); {NO_GPU_HINT}\n")
+    # nvidia-smi lists none (the fixture's)
+    assert refused("-g", "0,1") == (
+        f"launch/train_ddp.sh: error: -g 0,1: no GPU is visible (nvidia-smi -L lists none); {NO_GPU_HINT}\n")
+    # CUDA_VISIBLE_DEVICES="" hides every GPU, even where nvidia-smi lists some
+    _write_exe(fakebin / "nvidia-smi", list_gpus(2))
+    assert refused("-g", "0", env={"CUDA_VISIBLE_DEVICES": ""}) == (
+        "launch/train_ddp.sh: error: -g 0: no GPU is visible (CUDA_VISIBLE_DEVICES='' hides them all); "
+        f"{NO_GPU_HINT}\n")
+    # two GPUs listed (the MIG line is not one): id 2 and up do not exist; the bad id is named
+    expected = "launch/train_ddp.sh: error: -g {}: there is no GPU {}: nvidia-smi -L lists 2 GPU(s), ids 0-1\n"
+    assert refused("-g", "0,9") == expected.format("0,9", 9)
+    assert refused("-g", "2") == expected.format("2", 2)
+    assert refused("-g", "1,02") == expected.format("1,02", "02")
+    # -b is refused the same way, before a log is written
+    assert refused("-b", "-g", "5", cwd=tmp_path) == expected.format("5", 5)
+    assert not (tmp_path / "logs").exists()
+    # ids that exist run; UUIDs are not range-checked
+    for ids in ("1,0", "GPU-1"):
+        r = launch("-r", "pdan", "-g", ids, env=env)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["cvd"] == ids
+
+
+def test_dry_run_does_not_check_gpus(launch, tmp_path):
+    """-n shows the command on a machine without GPUs (docs, CI): no check there."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    os.symlink(shutil.which("dirname"), bare / "dirname")
+    assert dry(launch, "-r", "pdan", "-g", "9", path=str(bare)) == (
+        "CUDA_VISIBLE_DEVICES=9 torchrun --standalone --nproc_per_node=1 -m recipes.pdan")
+    assert dry(launch, "-r", "pdan", "-g", "0,9") == (
+        "CUDA_VISIBLE_DEVICES=0,9 torchrun --standalone --nproc_per_node=2 -m recipes.pdan")
 
 
 def test_background_run(launch, fake_launcher, tmp_path):
