@@ -5,10 +5,11 @@ import signal
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from tests.test_resume import command, compare, finish, start, wait_for
-from trainlib import DataConfig, OptimConfig, Trainer, TrainerConfig, checkpoint
+from trainlib import Callback, DataConfig, LogConfig, OptimConfig, Trainer, TrainerConfig, checkpoint
+from trainlib.callbacks import ModelCheckpoint
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -58,46 +59,146 @@ def test_elastic_restart_resumes_from_last_checkpoint(tmp_path):
 
 
 class Poisoned(Dataset):
-    """A regression set whose sample 5 makes the loss NaN."""
+    """A regression set whose sample 5 makes the loss NaN (`cause="data"`) or, with a finite loss,
+    the gradient NaN (`cause="grad"`: the loss adds sqrt(0 * w), whose gradient is 0 * inf)."""
 
-    def __init__(self):
+    def __init__(self, cause="data"):
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(64, 4, generator=g)
         self.y = self.x.sum(1, keepdim=True)
+        self.cause = cause
 
     def __len__(self):
         return 64
 
     def __getitem__(self, i):
-        return self.x[i], self.y[i] * (float("nan") if i == 5 else 1.0)
+        bad = self.cause == "data" and i == 5
+        return self.x[i], self.y[i] * (float("nan") if bad else 1.0), torch.tensor(float(i == 5))
 
 
 def mse(out, batch):
     return ((out - batch[1]) ** 2).mean()
 
 
-def test_nonfinite_skip_goes_on_and_stop_stops_without_applying_the_update(tmp_path):
-    def run(mode, name):
+class StepRecorder(Callback):
+    """Weights and optimizer state after every step, and the steps whose batch held sample 5."""
+
+    def __init__(self):
+        self.after, self.poisoned = {}, []
+
+    def on_train_step_end(self, t):
+        self.after[t.global_step] = ({k: v.clone() for k, v in t.model.state_dict().items()},
+                                     [{k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
+                                      for st in t.optimizer.state.values()])
+
+
+def run_poisoned(tmp_path, name, mode, cause="data", optimizer="adamw", **trainer_kw):
+    rec = StepRecorder()
+
+    def loss_fn(out, batch):
+        loss = mse(out, batch)
+        if batch[2].sum() > 0:
+            rec.poisoned.append(t.global_step + 1)  # the step this micro-batch belongs to
+            if cause == "grad":
+                loss = loss + torch.sqrt(0 * t.model.weight.sum())
+        return loss
+
+    torch.manual_seed(0)
+    t = Trainer(nn.Linear(4, 1), loss_fn, Poisoned(cause), config=TrainerConfig(
+        max_epochs=trainer_kw.pop("max_epochs", 8), out_dir=str(tmp_path), run_name=name, nonfinite=mode, **trainer_kw),
+        optim=OptimConfig(name=optimizer, lr=0.05), data=DataConfig(batch_size=8), callbacks=[rec])
+    t.fit()
+    return t, rec
+
+
+def same_state(a, b):
+    return all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and all(
+        torch.equal(x[k], y[k]) for x, y in zip(a[1], b[1]) for k in x)
+
+
+@pytest.mark.parametrize("cause,optimizer", [("data", "adamw"), ("grad", "adamw"), ("data", "sgd"), ("grad", "sgd")])
+def test_a_nonfinite_step_is_never_applied_and_skip_goes_on(tmp_path, cause, optimizer):
+    t, rec = run_poisoned(tmp_path, "skip", "skip", cause, optimizer)
+    assert t.epoch == 8 and not t.should_stop and len(rec.poisoned) == 8  # one poisoned batch per epoch
+    for step in rec.poisoned:  # weights AND optimizer state exactly as after the step before
+        assert same_state(rec.after[step], rec.after[step - 1]) if step > 1 else True, step
+        if step + 1 in rec.after:
+            assert not same_state(rec.after[step + 1], rec.after[step])  # the next (finite) step was applied
+    assert all(torch.isfinite(v).all() for v in t.model.state_dict().values())
+    rows = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert sum(r.get("skipped_steps", 0) for r in train) == 8 and t.skipped_steps == 8
+    assert train[-1]["loss"] < 0.1 * train[0]["loss"]  # it still learned y = sum(x)
+    log = (tmp_path / "skip" / "train.log").read_text()
+    assert f"skipped 1 step(s) with a non-finite loss or gradient up to step 8 (first: step {rec.poisoned[0]}" in log
+
+
+@pytest.mark.parametrize("cause", ["data", "grad"])
+def test_nonfinite_stop_names_the_step_and_keeps_a_good_checkpoint(tmp_path, cause):
+    t, rec = run_poisoned(tmp_path, "stop", "stop", cause)
+    first = rec.poisoned[0]
+    assert t.should_stop and t.halted and t.epoch == 0 and t.global_step == 8  # stopped at the logging step
+    assert f"non-finite loss or gradient at step {first}; that update was not applied" in t.stop_reason
+    assert first == 1 or same_state(rec.after[first], rec.after[first - 1])
+    # no checkpoint existed yet: last.ckpt is written from the current (finite) weights, mid-epoch
+    state = checkpoint.load(tmp_path / "stop" / "checkpoints" / "last.ckpt")
+    assert state["global_step"] == 8 and not state["epoch_done"] and state["skips"]["total"] == 1
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(state["model"][k], v) and torch.isfinite(v).all()
+    assert "stopped: non-finite loss or gradient at step" in (tmp_path / "stop" / "train.log").read_text()
+
+
+def test_nonfinite_stop_keeps_the_previous_checkpoint_byte_identical(tmp_path):
+    """Epoch 0 on clean data writes last.ckpt; resumed on data with a NaN sample, the run stops in
+    epoch 1 and leaves that file exactly as it was."""
+    def run(cause, **kw):
         torch.manual_seed(0)
-        model = nn.Linear(4, 1)
-        t = Trainer(model, mse, Poisoned(), config=TrainerConfig(max_epochs=8, out_dir=str(tmp_path), run_name=name,
-                                                                 nonfinite=mode),
-                    optim=OptimConfig(lr=0.05), data=DataConfig(batch_size=8))
+        cfg = TrainerConfig(out_dir=str(tmp_path), run_name="r", save_top_k=0, **kw)
+        t = Trainer(nn.Linear(4, 1), mse, Poisoned(cause), config=cfg, optim=OptimConfig(lr=0.05),
+                    data=DataConfig(batch_size=8))
         t.fit()
         return t
 
-    skip = run("skip", "skip")
-    assert skip.epoch == 8 and not skip.should_stop
-    assert all(torch.isfinite(p).all() for p in skip.model.parameters())
-    rows = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
-    assert sum(r.get("skipped_steps", 0) for r in rows) == 8  # one poisoned batch per epoch
-    assert rows[-1]["loss"] < 0.1 * rows[0]["loss"]  # it still learned y = sum(x)
+    run("none", max_epochs=1)
+    last = tmp_path / "r" / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    t = run("data", max_epochs=8, resume="auto")
+    assert t.halted and t.epoch == 1 and t.global_step == 10  # the first logging step after the NaN
+    assert last.read_bytes() == before
+    assert f"the last good checkpoint is {last}" in (tmp_path / "r" / "train.log").read_text()
 
-    stop = run("stop", "stop")
-    assert stop.should_stop and "non-finite training loss" in stop.stop_reason and stop.epoch == 1
-    # stop mode does not guard the step (no per-step cost): the weights went NaN, so nothing was saved
-    assert not (tmp_path / "stop" / "checkpoints" / "last.ckpt").exists()
-    assert not (tmp_path / "stop" / "model.safetensors").exists()
+
+def test_diverging_lr_with_skip_stops_after_max_skipped_steps_and_never_logs_a_zero_loss(tmp_path):
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    t = Trainer(nn.Linear(4, 1), mse, TensorDataset(x, x.sum(1, keepdim=True) * 1e3),
+                config=TrainerConfig(max_epochs=30, out_dir=str(tmp_path), run_name="d", nonfinite="skip",
+                                     max_skipped_steps=5),
+                optim=OptimConfig(name="sgd", lr=10.0, momentum=0.0), data=DataConfig(batch_size=8),
+                log_config=LogConfig(every_n_steps=2))
+    t.fit()
+    assert t.halted and t.consecutive_skips >= 5 and t.epoch < 29
+    assert "steps in a row had a non-finite loss or gradient (trainer.max_skipped_steps=5)" in t.stop_reason
+    rows = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert any(r.get("skipped_steps") == 2 and "loss" not in r for r in train)  # all-skipped windows: no loss
+    assert all(r["loss"] != 0.0 for r in train if "loss" in r)
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
+def test_two_processes_stop_together_on_a_nonfinite_loss_of_one_rank(tmp_path):
+    out, run_dir = tmp_path / "out", tmp_path / "runs" / "nan"
+    p = start(command(2, out, run_dir, ["--toy-poison=5", "trainer.nonfinite=stop", "trainer.save_top_k=0",
+                                        "trainer.ckpt_every_n_steps=0"]))
+    text = p.communicate(timeout=120)[0].decode()
+    assert p.returncode == 0, text[-3000:]
+    assert text.count("stopped: non-finite loss or gradient at step") == 1, text[-3000:]  # rank 0's line
+    end = [json.loads((out / f"end_rank{r}.json").read_text()) for r in (0, 1)]
+    assert end[0] == end[1] and "non-finite loss or gradient at step" in end[0]["stop_reason"]
+    state = checkpoint.load(run_dir / "checkpoints" / "last.ckpt")
+    weights = torch.load(out / "weights.pt", weights_only=True)
+    assert state["global_step"] == end[0]["step"]
+    assert all(torch.isfinite(v).all() and torch.equal(state["model"][k], v) for k, v in weights.items())
 
 
 def test_a_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
@@ -105,5 +206,11 @@ def test_a_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
     with torch.no_grad():
         t.model.weight[0, 0] = float("inf")
     t.run_dir = tmp_path
-    t.save_checkpoint(tmp_path / "x.ckpt")
+    assert t.save_checkpoint(tmp_path / "x.ckpt") is False
     assert not (tmp_path / "x.ckpt").exists()
+    # the checkpoint callback acts on the declined save: no top-k entry, no best.ckpt link to a missing file
+    (tmp_path / "checkpoints").mkdir()
+    cb = ModelCheckpoint("val/loss", "min")
+    t.epoch, t.global_step = 0, 1
+    cb.on_validation_end(t, {"val/loss": 0.5})
+    assert cb.top_k == [] and cb.best is None and not list((tmp_path / "checkpoints").iterdir())

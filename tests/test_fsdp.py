@@ -109,7 +109,7 @@ def test_sharding_units_skip_containers_without_forward():
 
 
 def test_fsdp_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="trainer.fsdp_min_params must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="config key 'trainer.fsdp_min_params': expected a value >= 1, got 0"):
         make_trainer([f"trainer.out_dir={tmp_path}", "trainer.strategy=fsdp", "trainer.fsdp_min_params=0"], ToyData(16))
     with pytest.raises(ConfigError, match="config key 'trainer.strategy': expected one of ddp, fsdp, none, got 'deepspeed'"):
         make_trainer([f"trainer.out_dir={tmp_path}", "trainer.strategy=deepspeed"], ToyData(16))

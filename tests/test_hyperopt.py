@@ -303,3 +303,80 @@ def test_space_checks_and_yaml_section(tmp_path):
     assert t.optim.lr == 0.01 and t.data.batch_size == 4 and t.log.wandb_group == "st"
     assert t.trainer.save_top_k == 0 and not t.trainer.save_last and not t.trainer.export
     assert s.out == tmp_path / "st" / "best_hyperparams.json"
+
+
+def test_a_finished_study_run_again_says_what_works_for_its_final_training(tmp_path, capsys):
+    """launch.hyperopt names the final run 'final', so the trainer's 'pick another trainer.run_name' cannot
+    apply: the study refuses at start, and each thing it suggests works."""
+    db = tmp_path / "study.db"
+    args = ["recipe=pdan", "hpo.n_trials=1", "hpo.study_name=done", f"hpo.storage=sqlite:///{db}", LR_SPACE,
+            "hpo.train_fraction=0.25", f"trainer.out_dir={tmp_path}", *TINY, "trainer.max_epochs=1"]
+    assert main(args) == 0
+    final = tmp_path / "done" / "final"
+    rows = (final / "metrics.jsonl").read_text()
+
+    def losses():
+        return [(r["split"], r["step"], r.get("loss")) for r in map(json.loads, (final / "metrics.jsonl").open())]
+    first = losses()
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {final} already holds the final training of study done: train it again with "
+                   f"trainer.overwrite=true, continue it with trainer.resume=auto, or start a new study with "
+                   f"hpo.study_name=<new name>\n")
+    assert (final / "metrics.jsonl").read_text() == rows and len(trials_of(db, "done")) == 1
+    assert main([*args, "--skip-hyperopt"]) == 2
+    assert f"or train in a new folder with hpo.study_name=<new name> --hyperparams-file {tmp_path / 'done'}" \
+           f"/best_hyperparams.json\n" in capsys.readouterr().err
+    assert main([*args, "trainer.resume=auto"]) == 0                       # continued: already at its end
+    assert f"resumed from {final / 'checkpoints' / 'last.ckpt'}" in (final / "train.log").read_text()
+    assert main([*args, "trainer.overwrite=true"]) == 0                    # trained again, same values
+    assert losses() == first and len(trials_of(db, "done")) == 1
+
+
+def test_values_out_of_a_keys_bounds_are_refused_before_any_trial(tmp_path, capsys):
+    base = ["recipe=pdan", f"trainer.out_dir={tmp_path}"]
+    assert main([*base, "hpo.space={optim.lr: {type: float, low: -0.1, high: 0.01}}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: hpo.space['optim.lr'] low: config key 'optim.lr': expected a value ")
+    assert err.endswith(", got -0.1\n") and err.count("\n") == 1
+    assert main([*base, "hpo.space={batch_size: {type: categorical, choices: [8, 0]}}"]) == 2
+    assert capsys.readouterr().err == ("error: hpo.space['batch_size'] choice: config key 'data.batch_size': "
+                                       "expected a value >= 1, got 0\n")
+    assert main([*base, "hpo.train_fraction=0"]) == 2
+    assert capsys.readouterr().err == "error: config key 'hpo.train_fraction': expected a value in (0, 1], got 0.0\n"
+    assert main([*base, "optim.betas=[0.9]"]) == 2
+    assert "config key 'optim.betas': expected a list of 2 values" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_recipe_search_space_out_of_bounds_ends_the_study(tmp_path):
+    from trainlib.hpo import StudyError, draw_params, parse_args, probe_search_space
+
+    s, _ = parse_args(["recipe=pdan", f"trainer.out_dir={tmp_path}"])
+    # the stand-in trial picks each range's ends and each choice: a bad end is found before the study
+    s.recipe = dataclasses.replace(pdan_recipe, search_space=lambda t: {
+        "lr": t.suggest_float("lr", 1e-4, 1e-2, log=True), "dropout": t.suggest_float("p", 0.1, 1.0),
+        "optim.name": t.suggest_categorical("opt", ["adam", "sgd"])})
+    with pytest.raises(StudyError, match=r"search_space returned dropout=1.0: config key 'model.dropout': "
+                                         r"expected a value in \[0, 1\), got 1.0"):
+        probe_search_space(s)
+    # a space the stand-in cannot drive is checked at each draw: the study ends at the first bad value
+    s.recipe = dataclasses.replace(pdan_recipe, search_space=lambda t: {"lr": 0.5 if t.number % 2 else -0.5})
+    probe_search_space(s)
+    assert draw_params(s, optuna.trial.FixedTrial({}, number=1)) == {"optim.lr": 0.5}
+    with pytest.raises(StudyError, match=r"search_space returned lr=-0.5: config key 'optim.lr': expected"):
+        draw_params(s, optuna.trial.FixedTrial({}, number=2))
+
+
+def test_a_config_file_names_its_recipe(tmp_path):
+    from trainlib.hpo import parse_args
+
+    p = tmp_path / "run.yaml"
+    p.write_text("recipe: pdan\ntrainer: {max_epochs: 3}\n")
+    for args in ([], ["recipe=pdan"], ["recipe=recipes.pdan"]):
+        s, _ = parse_args(["--config", str(p), *args])
+        assert s.recipe is pdan_recipe and s.cfg.trainer.max_epochs == 3
+    p.write_text("recipe: segformer\ntrainer: {max_epochs: 3}\n")
+    with pytest.raises(ConfigError, match=f"config file {p} is for recipe segformer, but this study tunes recipe=pdan"):
+        parse_args(["--config", str(p), "recipe=pdan"])

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recipes.pdan import (build_datasets, build_loss, collate, DAL, DataError, FrameMAP, loss_all_stages, loss_last_stage, padded_length, PDAN, recipe, resolved_input_channels, write_synthetic)
-from recipes.pdan.data import PDANData
+from recipes.pdan import (build_datasets, build_loss, collate, DAL, DataError, FrameMAP, loc25_points, loss_all_stages, loss_last_stage, padded_length, PDAN, recipe, resolved_input_channels, write_synthetic)
+from recipes.pdan.data import check_subsets, PDANData
 from recipes.pdan.metrics import average_precision
 from recipes.pdan.model import PDANConfig
 from trainlib.config import Config, ConfigError, UserError, set_value
@@ -135,6 +135,79 @@ def test_dal_init():
     assert abs(layer.rel_t.std().item() - 1.0) < 0.2
 
 
+def original_stage(stage, x, m):
+    """SSPDAN.forward of the original PDAN.py, written out: its input 1x1 conv output is NOT masked."""
+    h = stage.conv_1x1(x)
+    for blk in stage.layers:
+        a = F.relu(slow_dal(blk.attention, h))
+        a = blk.dropout(blk.conv_1x1(a))
+        h = (h + a) * m
+    return stage.conv_out(h) * m
+
+
+def original_forward(model, x, mask):
+    """PDAN.forward of the original: later stages take the previous stage's masked raw logits."""
+    m = mask[:, None]
+    out = original_stage(model.stage1, x, m)
+    outputs = [out]
+    for stage in model.stages:
+        out = original_stage(stage, out * m, m)
+        outputs.append(out)
+    return torch.stack(outputs)
+
+
+def test_mask_input_key_reaches_the_model(tmp_path):
+    assert PDANConfig().mask_input is True
+    cfg = make_cfg(tmp_path, num_classes=4, input_channels=16)
+    cfg.model.num_stages = 2
+    assert [s.mask_input for s in (recipe.build_model(cfg).stage1, *recipe.build_model(cfg).stages)] == [True, True]
+    cfg.model.mask_input = False
+    model = recipe.build_model(cfg)
+    assert [s.mask_input for s in (model.stage1, *model.stages)] == [False, False]
+    full = Config(model=PDANConfig(), data=PDANData(), recipe="pdan")
+    set_value(full, "model.mask_input", "false")
+    assert full.model.mask_input is False
+
+
+def test_mask_input_false_is_the_original_forward():
+    """model.mask_input=false: the same forward as the original PDAN.py, padded batch included."""
+    torch.manual_seed(0)
+    model = PDAN(num_stages=2, num_layers=3, num_channels=8, input_channels=6, num_classes=3,
+                 mask_input=False).eval()
+    x = torch.randn(2, 6, 30)
+    mask = torch.ones(2, 30)
+    mask[0, 21:] = 0
+    with torch.no_grad():
+        want = original_forward(model, x, mask)
+        torch.testing.assert_close(model(x, mask), want, atol=1e-5, rtol=1e-5)
+        # the default (masked input) is a different function on this padded batch
+        model.stage1.mask_input = model.stages[0].mask_input = True
+        assert (model(x, mask) - want).abs().max() > 1e-2
+
+
+def test_mask_input_makes_outputs_independent_of_padding():
+    """A 40-frame video alone vs padded to 60 next to a longer one. Masked input (default): the
+    same outputs. Unmasked (the original): the input conv's bias on padded frame 40 is read by the
+    dilation-1 tap of frame 39, then by the taps of 37 (d=2), then of 33 and 35 (d=4): exactly those
+    frames change, which is why the default masks."""
+    x = torch.randn(2, 8, 60, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 60)
+    mask[0, 40:] = 0
+    for mask_input in (True, False):
+        torch.manual_seed(0)
+        model = PDAN(num_stages=1, num_layers=3, num_channels=16, input_channels=8, num_classes=4,
+                     mask_input=mask_input).eval()
+        with torch.no_grad():
+            batched = model(x, mask)[:, 0, :, :40]
+            alone = model(x[:1, :, :40], torch.ones(1, 40))[:, 0]
+        diff = (batched - alone).abs().amax(dim=(0, 1))       # per frame
+        if mask_input:
+            torch.testing.assert_close(batched, alone, atol=1e-6, rtol=0)
+        else:
+            assert torch.nonzero(diff > 1e-3).flatten().tolist() == [33, 35, 37, 39]
+            assert diff.min() < 1e-6                          # the other frames do not move
+
+
 # --------------------------------------------------------------------------------------------
 # Data
 
@@ -187,6 +260,19 @@ def test_loc25_rule(tmp_path):
     expected[16:20, 1] = 1         # [3.2, 3.9]: j = 16 (t = 3.2, included) .. 19
     expected[:, 2] = 1             # [0.0, 5.0]: every point, j = 0 included
     np.testing.assert_array_equal(item["loc25_labels"].numpy(), expected)
+
+
+def test_loc25_time_uses_the_official_order_of_operations():
+    """Charades_v1_localize computes t_j = (j / 25) * duration. For duration 32.95, j = 15 that is
+    exactly 19.77, while j * duration / 25 rounds to 19.770000000000003: an action ending at 19.77
+    covers point 15 only in the official order."""
+    duration, j, end = 32.95, 15, 19.77
+    assert (j / 25) * duration == end and j * duration / 25 > end      # the two orders disagree here
+    index, labels = loc25_points(99, duration, [[0, 10.0, end]], 1)
+    assert labels[j, 0] == 1.0
+    # t_j = 1.318 j: 10.0 <= t_j <= 19.77 for j = 8 .. 15
+    assert np.flatnonzero(labels[:, 0]).tolist() == list(range(8, 16))
+    assert index.tolist() == [(i * 99) // 25 for i in range(25)]
 
 
 def test_collate_pads_and_masks(tmp_path):
@@ -281,6 +367,64 @@ def test_error_bad_entry(tmp_path):
     videos["v_bad"] = (5, "testing", -1.0, [])
     write_dataset(tmp_path, videos)
     expect_error(make_cfg(tmp_path), "video 'v_bad'", "'duration'")
+
+
+def test_error_missing_subset(tmp_path):
+    """An entry without "subset" used to be dropped without a word."""
+    write_dataset(tmp_path, SMALL)
+    ann = tmp_path / "charades.json"
+    db = json.loads(ann.read_text())
+    del db["v_train2"]["subset"]
+    ann.write_text(json.dumps(db))
+    msg = expect_error(make_cfg(tmp_path))
+    assert msg == f"{ann}: video 'v_train2': missing key 'subset' (expected \"training\" or \"testing\")"
+    db["v_train2"]["subset"] = None
+    ann.write_text(json.dumps(db))
+    msg = expect_error(make_cfg(tmp_path))
+    assert msg == f"{ann}: video 'v_train2' key 'subset': expected \"training\" or \"testing\", got None"
+    db["v_train2"] = [7, "training"]
+    ann.write_text(json.dumps(db))
+    msg = expect_error(make_cfg(tmp_path))
+    assert msg == f"{ann}: video 'v_train2': expected a mapping with keys subset, duration, actions, got list"
+
+
+def test_error_action_ends_before_start(tmp_path):
+    videos = dict(SMALL)
+    videos["v_train"] = (10, "training", 5.0, [[0, 1.0, 2.5], [1, 3.9, 3.2]])
+    write_dataset(tmp_path, videos)
+    msg = expect_error(make_cfg(tmp_path))
+    assert msg == (f"{tmp_path / 'charades.json'}: video 'v_train' key 'actions'[1] = [1, 3.9, 3.2]: ends at 3.2 s "
+                   f"before it starts at 3.9 s (expected [class, start_s, end_s] with start_s <= end_s)")
+    videos["v_train"] = (10, "training", 5.0, [[0, 2.5, 2.5]])   # zero length is allowed
+    write_dataset(tmp_path, videos)
+    assert len(build_datasets(make_cfg(tmp_path))["train"]) == 2
+
+
+def test_unused_subsets_are_skipped_with_one_warning(tmp_path):
+    """Subsets other than training/testing are legitimately unused: one summary line, no error
+    (their entries need no feature file and are not checked)."""
+    write_dataset(tmp_path, SMALL)
+    ann = tmp_path / "charades.json"
+    db = json.loads(ann.read_text())
+    db["v_val1"] = {"subset": "validation", "duration": 3.0, "actions": []}
+    db["v_val2"] = {"subset": "validation", "duration": -1, "actions": "not checked"}
+    db["v_x"] = {"subset": "ignored"}
+    ann.write_text(json.dumps(db))
+    with pytest.warns(UserWarning) as record:
+        ds = build_datasets(make_cfg(tmp_path))
+    assert [str(w.message) for w in record] == [
+        f"{ann}: skipping 3 videos whose subset is neither 'training' nor 'testing' (not used by PDAN): "
+        f"2 'validation', 1 'ignored'"]
+    assert sorted(ds["train"].video_ids) == ["v_train", "v_train2"] and ds["test"].video_ids == ["v_test"]
+    assert check_subsets(json.loads(ann.read_text()), str(ann)) == {"validation": 2, "ignored": 1}
+
+
+def test_no_warning_when_every_subset_is_used(tmp_path):
+    import warnings
+    write_dataset(tmp_path, SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_datasets(make_cfg(tmp_path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,6 +729,18 @@ def test_synthetic_writer_passes_loader(tmp_path):
             assert abs((x[background] @ u).mean()) < 1.5
             checked += 1
     assert checked >= 3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_synthetic_entries_are_valid(tmp_path, seed):
+    """The writer emits only entries the loader accepts: a used subset, 0 <= start < end <= duration."""
+    db = write_synthetic(str(tmp_path), n_train=20, n_test=12, num_classes=6, dim=4, seed=seed,
+                         t_min=16, t_max=40, max_actions=4)
+    assert check_subsets(db, "synthetic") == {}
+    for vid, entry in db.items():
+        assert entry["subset"] in ("training", "testing"), vid
+        for c, start, end in entry["actions"]:
+            assert 0 <= c < 6 and 0.0 <= start < end <= entry["duration"], (vid, c, start, end)
 
 
 def test_synthetic_every_class_in_testing(tmp_path):

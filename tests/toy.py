@@ -121,6 +121,28 @@ if __name__ == "__main__":
     ragged = bool(flags.get("ragged", 0))
     data = ToyData(int(flags.get("n", 96)), augment=bool(flags.get("augment", 0)), delay=flags.get("delay", 0.0),
                    ragged=ragged)
+    if "poison" in flags:  # --toy-poison=I: sample I's target is NaN (a non-finite loss on the rank that reads it)
+        data.y[int(flags["poison"])] = float("nan")
+    if "disk_full_step" in flags:  # --toy-disk_full_step=N: checkpoint writes from step N on fail with ENOSPC
+        import errno
+
+        from trainlib import checkpoint
+
+        write = checkpoint.atomic_write_bytes
+
+        def full_disk(path, payload):
+            if str(path).endswith(".ckpt") and trainer.global_step >= int(flags["disk_full_step"]):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            write(path, payload)
+
+        checkpoint.atomic_write_bytes = full_disk
+    if flags.get("readonly"):  # --toy-readonly=1: the output folder is on a read-only file system
+        import errno
+
+        def read_only(self, *a, **k):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+        Path.mkdir = read_only
     model = toy_model(dropout=flags.get("dropout", 0.0), buffer_mb=int(flags.get("buffer_mb", 0)))
     kw: dict = {"collate_fn": ragged_collate} if ragged else {}
     if flags.get("freeze_last"):  # two param groups: the last layer's lr is 0
@@ -179,6 +201,8 @@ if __name__ == "__main__":
         held = {"params": sum(local(p).numel() for p in trainer.model.parameters()),  # this rank's share
                 "exp_avg": sum(local(s["exp_avg"]).numel() for s in trainer.optimizer.state.values() if "exp_avg" in s)}
         (out / f"held_rank{rank}.json").write_text(json.dumps(held))
+        (out / f"end_rank{rank}.json").write_text(json.dumps({"step": trainer.global_step,
+                                                              "stop_reason": trainer.stop_reason}))
         if rank == 0:
             torch.save(weights, out / "weights.pt")
 

@@ -119,7 +119,8 @@ class ModelCheckpoint(Callback):
         name = f"epoch={trainer.epoch:03d}-step={trainer.global_step}-{tag}={value:.4f}.ckpt"
         folder = self._dir(trainer)
         # The epoch is not finished yet: a resume from this file continues with the next epoch.
-        trainer.save_checkpoint(folder / name, epoch_done=True)
+        if not trainer.save_checkpoint(folder / name, epoch_done=True):
+            return  # declined (non-finite weights): no file, so no best.ckpt link and no top-k entry
         new_best = improved(value, self.best, self.mode)
         if new_best:
             self.best = value

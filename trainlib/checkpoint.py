@@ -63,9 +63,11 @@ def load(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle, random bytes ...
-        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a "
-                              f"torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # truncated zip, foreign pickle, random bytes, an empty file ...
+        first = (str(e).splitlines() or [""])[0][:200]
+        what = "is empty (0 bytes)" if path.stat().st_size == 0 else "is truncated, corrupt or not a torch checkpoint"
+        raise CheckpointError(f"cannot read checkpoint {path}: the file {what} ({type(e).__name__}"
+                              + (f": {first})" if first else ")")) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a trainlib checkpoint (no '{FORMAT}' marker); "
                               f"to start from plain weights, load them into the model yourself")

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 import yaml
 
@@ -37,85 +39,213 @@ VALUE_ALIASES: dict[str, dict[str, str]] = {
 }
 
 
-def opt(default: Any, help: str) -> Any:
-    """A dataclass field with a one-line description (shown by `--help`)."""
+@dataclass(frozen=True)
+class Bounds:
+    """The allowed range of a numeric key (or of every number in a list key), written next to the
+    key with `opt(..., ge=0)`: checked once when the config is built (`validate`), shown by `--help`,
+    and used to check Optuna search spaces. `length` fixes a list's length; `check(value)` returns
+    an error text for rules a range cannot say (it sees the whole value)."""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    length: int | None = None
+    check: Any = None
+
+    def describe(self) -> str:
+        low = f">= {_num(self.ge)}" if self.ge is not None else f"> {_num(self.gt)}" if self.gt is not None else ""
+        high = f"<= {_num(self.le)}" if self.le is not None else f"< {_num(self.lt)}" if self.lt is not None else ""
+        if low and high:
+            lo_b = "[" if self.ge is not None else "("
+            hi_b = "]" if self.le is not None else ")"
+            lo_v = self.ge if self.ge is not None else self.gt
+            hi_v = self.le if self.le is not None else self.lt
+            return f"in {lo_b}{_num(lo_v)}, {_num(hi_v)}{hi_b}"
+        return low or high
+
+    def text(self) -> str:
+        """Everything a user may set, for --help: the range, the list length and the check's rule."""
+        parts = [self.describe(), f"{self.length} values" if self.length is not None else "",
+                 getattr(self.check, "expected", "")]
+        return ", ".join(p for p in parts if p)
+
+    def number_ok(self, x: float) -> bool:
+        return not ((self.ge is not None and not x >= self.ge) or (self.gt is not None and not x > self.gt)
+                    or (self.le is not None and not x <= self.le) or (self.lt is not None and not x < self.lt))
+
+    def violation(self, value: Any) -> str:
+        """'' when `value` is allowed, else what was expected."""
+        if self.check is not None:
+            text = self.check(value)
+            if text:
+                return text
+        if isinstance(value, (list, tuple)):
+            if self.length is not None and len(value) != self.length:
+                return f"a list of {self.length} values"
+            items = value
+        else:
+            items = [value]
+        rng = self.describe()
+        for x in items:
+            if isinstance(x, (int, float)) and not isinstance(x, bool):
+                if x != x or not self.number_ok(x):  # NaN fails every range
+                    return (f"values {rng}" if isinstance(value, (list, tuple)) else f"a value {rng}") if rng else ""
+        return ""
+
+
+def _num(x: float) -> str:
+    """2**32 - 1 as 4294967295, not 4.29497e+09; 1e-8 as 1e-08."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
+def rule(expected: str, ok: Callable[[Any], bool]) -> Callable[[Any], str]:
+    """A `check` for opt(..., check=...): '' when ok(value), else `expected` (what --help shows too)."""
+    def check(value: Any) -> str:
+        try:
+            return "" if ok(value) else expected
+        except (TypeError, ValueError, ConfigError):
+            return expected
+    check.expected = expected  # type: ignore[attr-defined]
+    return check
+
+
+_COUNT_OR_ALL = rule("a count >= 0, or -1 for all", lambda v: v >= -1)
+
+
+def _duration_ok(text: str) -> bool:
+    seconds = parse_duration(text)
+    return len(str(text).split(":")) <= 4 and seconds >= 0 and seconds == seconds
+
+
+def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+        lt: float | None = None, length: int | None = None, check: Any = None) -> Any:
+    """A dataclass field with a one-line description (shown by `--help`) and, for numbers, its
+    allowed range (`ge`/`gt`/`le`/`lt`; see `Bounds`)."""
+    meta: dict[str, Any] = {"help": help}
+    if any(b is not None for b in (ge, gt, le, lt, length, check)):
+        meta["bounds"] = Bounds(ge, gt, le, lt, length, check)
     if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def bounds_of(f: dataclasses.Field) -> Bounds | None:
+    return f.metadata.get("bounds")
+
+
+def validate(cfg: Any) -> None:
+    """Every key against its declared bounds, once, when the config is built (before a process
+    group, a dataset or a model exists). ConfigError naming the key, the value and the range."""
+    for key, (owner, f, _tp) in leaves(cfg).items():
+        _check(key, owner, f)
+
+
+def check_key(cfg: Any, key: str, source: str = "") -> None:
+    """One key's current value against its bounds (hyperopt checks each sampled value this way)."""
+    owner, f, _tp = leaves(cfg)[key]
+    _check(key, owner, f, source)
+
+
+def _check(key: str, owner: Any, f: dataclasses.Field, source: str = "") -> None:
+    b, value = bounds_of(f), getattr(owner, f.name)
+    problem = b.violation(value) if b is not None else ""
+    if problem:
+        raise ConfigError(f"{source}config key '{key}': expected {problem}, got {value!r}")
+
+
+def parse_duration(text: str) -> float:
+    """'DD:HH:MM:SS' (or fewer fields) or plain seconds -> seconds; '' -> inf."""
+    if not text:
+        return math.inf
+    try:
+        parts = [float(p) for p in str(text).split(":")]
+    except ValueError:
+        raise ConfigError(f"trainer.max_time: expected 'DD:HH:MM:SS' or seconds, got {text!r}") from None
+    seconds = 0.0
+    for p, unit in zip(reversed(parts), (1, 60, 3600, 86400)):
+        seconds += p * unit
+    return seconds
 
 
 # --------------------------------------------------------------------------------------------
 # Engine-owned sections. Recipes own `model` and `data` (their data config subclasses DataConfig).
 
+LIMIT_RULE = rule("a count >= 0 (an int) or a fraction in [0, 1] (a float)",
+                  lambda v: v >= 0 and (isinstance(v, int) or v <= 1.0))
 Precision = Literal["32-true", "16-mixed", "bf16-mixed", "bf16-true"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
 
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = opt(10, "epochs to train (an epoch is one pass over the train split)")
-    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: no limit)")
-    max_time: str = opt("", "stop after this wall time, 'DD:HH:MM:SS' or seconds (checked on logging steps and epoch ends)")
+    max_epochs: int = opt(10, "epochs to train (an epoch is one pass over the train split)", ge=0)
+    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: no limit)",
+                         check=rule("-1 (no limit) or a count >= 1", lambda v: v == -1 or v >= 1))
+    max_time: str = opt("", "stop after this wall time, 'DD:HH:MM:SS' or seconds (checked on logging steps and epoch ends)",
+                        check=rule("'DD:HH:MM:SS' (or fewer fields) or seconds, >= 0 (empty: no limit)", _duration_ok))
     precision: Precision = opt("32-true", "numeric precision: 32-true, 16-mixed (GradScaler), bf16-mixed, bf16-true")
     strategy: Literal["ddp", "fsdp", "none"] = opt("ddp", "with world size > 1, ddp: DistributedDataParallel; fsdp: shard parameters, gradients and optimizer state (FSDP2); none: never wrap")
-    fsdp_min_params: int = opt(1_000_000, "strategy=fsdp: a submodule holding at least this many parameters (not in a smaller unit) is sharded as its own unit")
-    accumulate_grad_batches: int = opt(1, "micro-batches per optimizer step (DDP sync only on the last one)")
-    grad_clip: float = opt(0.0, "clip the global gradient norm to this value (0: off)")
+    fsdp_min_params: int = opt(1_000_000, "strategy=fsdp: a submodule holding at least this many parameters (not in a smaller unit) is sharded as its own unit", ge=1)
+    accumulate_grad_batches: int = opt(1, "micro-batches per optimizer step (DDP sync only on the last one)", ge=1)
+    grad_clip: float = opt(0.0, "clip the global gradient norm to this value (0: off)", ge=0)
     compile: Union[bool, CompileMode] = opt(False, "torch.compile the inner module: true (= default) or a mode; checkpoint keys stay plain")
     cuda_graphs: bool = opt(False, "capture the whole training step (forward, backward, clip, optimizer) in one CUDA graph per batch shape and replay it (GPU, bf16/fp32)")
-    seed: int = opt(0, "global seed; rank r seeds its RNGs with seed + r")
+    seed: int = opt(0, "global seed; rank r seeds its RNGs with seed + r", ge=0, le=2**32 - 1)
     deterministic: bool = opt(False, "torch.use_deterministic_algorithms (slower, reproducible)")
     device: str = opt("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, or cuda")
-    ddp_timeout: float = opt(1800.0, "seconds a collective may wait before the process group errors out")
+    ddp_timeout: float = opt(1800.0, "seconds a collective may wait before the process group errors out", gt=0)
     find_unused_parameters: bool = opt(False, "DDP find_unused_parameters (needed when some parameters get no gradient)")
     sync_batchnorm: bool = opt(False, "convert BatchNorm layers to SyncBatchNorm under DDP")
-    check_val_every_n_epoch: int = opt(1, "validate every n epochs (0: never)")
-    limit_train_batches: Union[int, float] = opt(1.0, "train batches per epoch: an int is a count, a float a fraction")
-    limit_val_batches: Union[int, float] = opt(1.0, "validation batches: an int is a count, a float a fraction")
-    fast_dev_run: Union[bool, int] = opt(False, "true or N: run N (1) train and val batches, one epoch, write no checkpoints")
+    check_val_every_n_epoch: int = opt(1, "validate every n epochs (0: never)", ge=0)
+    limit_train_batches: Union[int, float] = opt(1.0, "train batches per epoch: an int is a count, a float a fraction",
+                                                 check=LIMIT_RULE)
+    limit_val_batches: Union[int, float] = opt(1.0, "validation batches: an int is a count, a float a fraction",
+                                               check=LIMIT_RULE)
+    fast_dev_run: Union[bool, int] = opt(False, "true or N: run N (1) train and val batches, one epoch, write no checkpoints", ge=0)
     test_only: bool = opt(False, "skip training: load trainer.ckpt_path and evaluate the test split")
     ckpt_path: str = opt("", "checkpoint to load weights from (test_only, or fine-tuning start)")
     resume: str = opt("", "resume from a checkpoint path, or 'auto' = last.ckpt of the run directory")
     out_dir: str = opt("runs", "parent folder of run directories")
     run_name: str = opt("", "run directory name under out_dir (default: <recipe>_<date>_<time>)")
     overwrite: bool = opt(False, "allow a fresh run in a run directory that already holds a run")
-    ckpt_every_n_steps: int = opt(0, "also save last.ckpt every n optimizer steps (0: only at epoch ends)")
-    save_top_k: int = opt(1, "keep the k best checkpoints by the monitored metric (0: none, -1: all)")
+    ckpt_every_n_steps: int = opt(0, "also save last.ckpt every n optimizer steps (0: only at epoch ends)", ge=0)
+    save_top_k: int = opt(1, "keep the k best checkpoints by the monitored metric (0: none, -1: all)", check=_COUNT_OR_ALL)
     save_last: bool = opt(True, "keep checkpoints/last.ckpt up to date")
-    keep_last_k: int = opt(0, "also keep the k most recent periodic saves (epoch ends, ckpt_every_n_steps) as checkpoints/step=<N>.ckpt (0: none, -1: all)")
+    keep_last_k: int = opt(0, "also keep the k most recent periodic saves (epoch ends, ckpt_every_n_steps) as checkpoints/step=<N>.ckpt (0: none, -1: all)", check=_COUNT_OR_ALL)
     monitor: str = opt("val/loss", "metric that decides best checkpoints, early stopping and plateau scheduling")
     mode: Literal["min", "max"] = opt("min", "whether the monitored metric should go down (min) or up (max)")
-    early_stop_patience: int = opt(0, "stop after this many validations without improvement (0: off)")
-    early_stop_min_delta: float = opt(0.0, "smallest change of the monitored metric that counts as improvement")
-    nonfinite: Literal["stop", "skip"] = opt("stop", "a NaN/inf loss: its update is never applied; stop: end the run at the next logging step, skip: go on")
+    early_stop_patience: int = opt(0, "stop after this many validations without improvement (0: off)", ge=0)
+    early_stop_min_delta: float = opt(0.0, "smallest change of the monitored metric that counts as improvement", ge=0)
+    nonfinite: Literal["stop", "skip"] = opt("stop", "a step whose loss or gradient is NaN/inf is never applied; stop: end the run (naming the step, keeping the last good checkpoint), skip: go on")
+    max_skipped_steps: int = opt(10, "trainer.nonfinite=skip: stop after this many non-finite steps in a row (0: never)", ge=0)
     export: bool = opt(True, "write model.safetensors (+ its config) to the run directory at the end of fit")
 
 
 @dataclass
 class OptimConfig:
     name: Literal["adamw", "adam", "sgd"] = opt("adamw", "optimizer")
-    lr: float = opt(1e-3, "peak learning rate")
-    weight_decay: float = opt(0.0, "weight decay (decoupled for adamw)")
-    betas: list[float] = opt([0.9, 0.999], "Adam betas")
-    eps: float = opt(1e-8, "Adam epsilon")
-    momentum: float = opt(0.9, "SGD momentum")
+    lr: float = opt(1e-3, "peak learning rate (0 freezes every group; a group may set its own)", ge=0)
+    weight_decay: float = opt(0.0, "weight decay (decoupled for adamw)", ge=0)
+    betas: list[float] = opt([0.9, 0.999], "Adam betas", ge=0, lt=1, length=2)
+    eps: float = opt(1e-8, "Adam epsilon", gt=0)
+    momentum: float = opt(0.9, "SGD momentum", ge=0, le=1)
     nesterov: bool = opt(False, "SGD Nesterov momentum")
     scheduler: Literal["cosine", "plateau", "onecycle", "step", "none"] = opt("none", "learning-rate schedule, stepped once per optimizer step")
-    warmup_steps: int = opt(0, "linear warmup from 0 over this many optimizer steps")
-    min_lr: float = opt(0.0, "cosine: final learning rate")
-    step_size: int = opt(10, "step: decay every this many epochs")
-    gamma: float = opt(0.1, "step: decay factor")
-    plateau_factor: float = opt(0.5, "plateau: multiply the lr by this when the monitored metric stalls")
-    plateau_patience: int = opt(8, "plateau: validations without improvement before decaying")
-    onecycle_pct_start: float = opt(0.3, "onecycle: fraction of steps spent increasing the lr")
-    onecycle_div_factor: float = opt(25.0, "onecycle: start lr = lr / div_factor")
-    onecycle_final_div_factor: float = opt(1e4, "onecycle: final lr = start lr / final_div_factor")
+    warmup_steps: int = opt(0, "linear warmup from 0 over this many optimizer steps", ge=0)
+    min_lr: float = opt(0.0, "cosine: final learning rate", ge=0)
+    step_size: int = opt(10, "step: decay every this many epochs", ge=1)
+    gamma: float = opt(0.1, "step: decay factor", gt=0, le=1)
+    plateau_factor: float = opt(0.5, "plateau: multiply the lr by this when the monitored metric stalls", gt=0, lt=1)
+    plateau_patience: int = opt(8, "plateau: validations without improvement before decaying", ge=0)
+    onecycle_pct_start: float = opt(0.3, "onecycle: fraction of steps spent increasing the lr", gt=0, lt=1)
+    onecycle_div_factor: float = opt(25.0, "onecycle: start lr = lr / div_factor", ge=1)
+    onecycle_final_div_factor: float = opt(1e4, "onecycle: final lr = start lr / final_div_factor", ge=1)
 
 
 @dataclass
 class LogConfig:
     loggers: list[str] = opt(["console", "jsonl"], "any of console, jsonl, tensorboard, wandb (jsonl is always on)")
-    every_n_steps: int = opt(10, "log training metrics every n optimizer steps (the only host syncs in the loop)")
+    every_n_steps: int = opt(10, "log training metrics every n optimizer steps (the only host syncs in the loop)", ge=1)
     progress_bar: bool = opt(True, "tqdm progress bar on rank 0 (console logger)")
     wandb_project: str = opt("trainlib", "wandb project")
     wandb_entity: str = opt("", "wandb entity (team or user)")
@@ -127,9 +257,9 @@ class LogConfig:
 class DataConfig:
     """Keys every recipe's data section has; recipes subclass it and add their own."""
     root: str = opt("", "dataset folder (empty: generate a synthetic dataset in the real format and train on it)")
-    batch_size: int = opt(8, "batch size per process")
-    val_batch_size: int = opt(0, "validation/test batch size per process (0: same as batch_size)")
-    num_workers: int = opt(0, "DataLoader worker processes per rank")
+    batch_size: int = opt(8, "batch size per process", ge=1)
+    val_batch_size: int = opt(0, "validation/test batch size per process (0: same as batch_size)", ge=0)
+    num_workers: int = opt(0, "DataLoader worker processes per rank", ge=0)
     pin_memory: bool = opt(True, "pin host memory for faster copies to the GPU (ignored on CPU)")
     drop_last: bool = opt(False, "drop the last incomplete training batch")
     device_resident: bool = opt(False, "read every split once into device memory and gather batches there (datasets that fit; augmentation is frozen)")
@@ -308,11 +438,17 @@ def apply_dict(cfg: Any, data: dict, source: str, prefix: str = "") -> None:
 
 def read_yaml(path: str) -> dict:
     """A config file's mapping of sections, or one clear error naming the file."""
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a directory; expected a YAML file")
     try:
         with open(path) as fh:
             data = yaml.safe_load(fh) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} cannot be read: permission denied") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -321,8 +457,13 @@ def read_yaml(path: str) -> dict:
 
 
 def load_yaml(cfg: Any, path: str) -> None:
+    """Apply a config file. One that names its recipe (`recipe: segformer`, as every run's config.yaml
+    does) is refused by another recipe: its keys would be misread or rejected one at a time."""
     data = read_yaml(path)
-    data.pop("recipe", None)
+    named, ours = data.pop("recipe", None), getattr(cfg, "recipe", "")
+    if named and ours and str(named) not in (ours, f"recipes.{ours}"):
+        raise ConfigError(f"config file {path} is for recipe {named}, but this is recipe {ours}: run it with "
+                          f"python -m recipes.{named} --config {path}, or pass a config file of recipe {ours}")
     apply_dict(cfg, data, path)
 
 
@@ -331,11 +472,12 @@ def dump_yaml(cfg: Any) -> str:
 
 
 def help_text(cfg: Any) -> str:
-    """Every key with its type, default and one-line description."""
+    """Every key with its type, default (and allowed range, where it has one) and one-line description."""
     rows = []
     for key, (owner, f, tp) in leaves(cfg).items():
-        default = getattr(owner, f.name)
-        rows.append((key, type_name(tp), repr(default), f.metadata.get("help", "")))
+        b = bounds_of(f)
+        shown = repr(getattr(owner, f.name)) + (f", range {b.text()}" if b is not None and b.text() else "")
+        rows.append((key, type_name(tp), shown, f.metadata.get("help", "")))
     w0 = max(len(r[0]) for r in rows)
     w1 = min(max(len(r[1]) for r in rows), 28)
     lines, section = [], None

@@ -51,18 +51,21 @@ import yaml
 from . import dist
 from .callbacks import Callback
 from .checkpoint import atomic_write_bytes
-from .config import ConfigError, UserError, apply_dict, help_text, opt, read_yaml, resolve_key, set_value
+from .config import (ConfigError, UserError, apply_dict, check_key, help_text, opt, read_yaml, resolve_key, rule,
+                     set_value, validate)
 from .preemption import Preempted
 from .recipe import ENGINE_ALIASES, Recipe, _peer_failure, build_config, guarded, parse_cli, run
 
 # ------------------------------------------------------------------------------------------------
 # Configuration: the `hpo` section
 
+NOT_NAN = rule("a number (not nan; -inf/inf: off)", lambda v: v == v)
+
 
 @dataclass
 class HPOConfig:
     n_trials: int = opt(20, "trials the study holds when it ends (complete, pruned or failed; a trial cut short "
-                            "by a killed session is run again and not counted)")
+                            "by a killed session is run again and not counted)", ge=1)
     direction: Literal["", "maximize", "minimize"] = opt("", "maximize or minimize hpo.metric; empty: from "
                                                              "trainer.mode (max -> maximize)")
     metric: str = opt("", "validation metric to optimise, e.g. val/map; empty: trainer.monitor")
@@ -70,16 +73,16 @@ class HPOConfig:
                            "resumable: run the same command again")
     study_name: str = opt("", "study name, also its folder under trainer.out_dir; empty: <recipe>_hpo "
                               "(in memory: <recipe>_hpo_<date>_<time>)")
-    seed: int = opt(0, "seed of the sampler and of the trials' train subset")
+    seed: int = opt(0, "seed of the sampler and of the trials' train subset", ge=0, le=2**32 - 1)
     sampler: Literal["tpe", "random"] = opt("tpe", "optuna sampler")
     pruner: Literal["median", "threshold", "none"] = opt("median", "stop unpromising trials at a validation: "
                                                                    "median (optuna MedianPruner), threshold, none")
-    pruner_startup_trials: int = opt(5, "median: trials that must finish before any trial is pruned")
-    pruner_warmup_epochs: int = opt(0, "median/threshold: no pruning before this epoch")
-    prune_below: float = opt(-math.inf, "threshold: prune a trial whose metric is below this value")
-    prune_above: float = opt(math.inf, "threshold: prune a trial whose metric is above this value")
+    pruner_startup_trials: int = opt(5, "median: trials that must finish before any trial is pruned", ge=0)
+    pruner_warmup_epochs: int = opt(0, "median/threshold: no pruning before this epoch", ge=0)
+    prune_below: float = opt(-math.inf, "threshold: prune a trial whose metric is below this value", check=NOT_NAN)
+    prune_above: float = opt(math.inf, "threshold: prune a trial whose metric is above this value", check=NOT_NAN)
     train_fraction: float = opt(1.0, "fraction of the train split every trial trains on (a fixed-seed subset, as "
-                                     "the seed system does); the final training uses the whole split")
+                                     "the seed system does); the final training uses the whole split", gt=0, le=1)
     space: Any = opt({}, "search space {config key: {type: float|int|categorical, low, high, log, step, "
                          "choices}} (YAML or inline); empty: the recipe's search_space, else the default space")
     final: bool = opt(True, "after the study, train the final model with the best values in "
@@ -152,6 +155,14 @@ def load_recipe(name: str) -> Recipe:
     raise ConfigError(f"recipe={name}: no module recipes.{name}; available: {', '.join(available_recipes())}")
 
 
+def _same_recipe(name: str, recipe: Recipe) -> bool:
+    """Whether `name` (a YAML file's `recipe:`) picks `recipe`; a name that picks none does not."""
+    try:
+        return load_recipe(name) is recipe
+    except ConfigError:
+        return False
+
+
 def available_recipes() -> list[str]:
     try:
         import recipes
@@ -174,22 +185,25 @@ def parse_args(argv: list[str]) -> tuple[Setup | None, str]:
             rest.append((k, v))
 
     section = HPOSection()
-    yaml_hpo, yaml_space, stripped = {}, None, None
+    yaml_hpo, yaml_space, stripped, yaml_recipe = {}, None, None, ""
     if config_path:
         data = read_yaml(config_path)
-        recipe_name = recipe_name or str(data.get("recipe") or "")
+        if "hpo" in data or "recipe" in data:
+            stripped = data  # the recipe's config knows neither: build_config reads the file without them
+        yaml_recipe = str(data.pop("recipe", None) or "")  # a module path here, checked against the recipe below
+        recipe_name = recipe_name or yaml_recipe
         if "hpo" in data:
             yaml_hpo = data.pop("hpo") or {}
             if not isinstance(yaml_hpo, dict):
                 raise ConfigError(f"{config_path}: the hpo section must be a mapping")
             yaml_hpo = dict(yaml_hpo)
             yaml_space = yaml_hpo.pop("space", None)
-            stripped = data  # the recipe's config does not know `hpo`: build_config reads the file without it
         apply_dict(section, {"hpo": yaml_hpo}, config_path)
         if yaml_space is not None:
             section.hpo.space = yaml_space
     for k, v in hpo_pairs:
         set_value(section, k, v, HPO_ALIASES)
+    validate(section)
     h = section.hpo
 
     if not recipe_name:
@@ -198,6 +212,9 @@ def parse_args(argv: list[str]) -> tuple[Setup | None, str]:
                           + f"\n\nRecipes: {', '.join(available_recipes())} (recipe=NAME --help lists their keys)")
         raise ConfigError(f"name the recipe to tune: recipe=NAME (available: {', '.join(available_recipes())})")
     recipe = load_recipe(recipe_name)
+    if yaml_recipe and yaml_recipe != recipe_name and not _same_recipe(yaml_recipe, recipe):
+        raise ConfigError(f"config file {config_path} is for recipe {yaml_recipe}, but this study tunes "
+                          f"recipe={recipe_name}: drop recipe={recipe_name}, or pass a config file of that recipe")
     build_path, tmp_dir = config_path, None
     try:
         if stripped is not None:
@@ -218,10 +235,6 @@ def parse_args(argv: list[str]) -> tuple[Setup | None, str]:
         return None, (USAGE + "\n\nKeys of the hpo section (type, default, description):" + help_text(section)
                       + f"\n\nKeys of recipe {recipe.name}:" + help_text(cfg))
 
-    if h.n_trials < 1 and not h.skip_hyperopt:
-        raise ConfigError(f"hpo.n_trials must be >= 1, got {h.n_trials}")
-    if not 0.0 < h.train_fraction <= 1.0:
-        raise ConfigError(f"hpo.train_fraction must be in (0, 1], got {h.train_fraction}")
     if cfg.trainer.test_only:
         raise ConfigError("trainer.test_only=true: hyperopt trains; evaluate with python -m recipes.<name> instead")
     if cfg.trainer.check_val_every_n_epoch < 1:
@@ -238,6 +251,8 @@ def parse_args(argv: list[str]) -> tuple[Setup | None, str]:
     s = Setup(recipe=recipe, cfg=cfg, demo=demo, hpo=h, aliases=aliases, metric=metric, direction=direction)
     if h.space:
         h.space = check_space(h.space, cfg, aliases, "hpo.space")
+    elif recipe.search_space is not None and not h.skip_hyperopt:
+        probe_search_space(s)
     return s, ""
 
 
@@ -345,11 +360,12 @@ def check_space(space: Any, cfg: Any, aliases: dict, source: str) -> dict:
                 norm["step"] = step
             values = [low, high]
         scratch = copy.deepcopy(cfg)
-        for v in values:
-            try:
+        for what, v in zip(("low", "high") if kind != "categorical" else ("choice",) * len(values), values):
+            try:  # the key's type, then its bounds (the range between low and high lies within them)
                 set_value(scratch, full, v)
+                check_key(scratch, full)
             except ConfigError as e:
-                raise ConfigError(f"{where}: {e}") from None
+                raise ConfigError(f"{where} {what}: {e}") from None
         out[full] = norm
     return out
 
@@ -374,20 +390,58 @@ def draw_params(s: Setup, trial: Any) -> dict:
     if s.hpo.space:
         return sample_space(trial, s.hpo.space)
     if s.recipe.search_space is not None:
-        raw = s.recipe.search_space(trial)
-        if not isinstance(raw, dict):
-            raise StudyError(f"recipe {s.recipe.name}: search_space(trial) must return a dict "
-                             f"{{config key: value}}, got {type(raw).__name__}")
-        params = {}
-        scratch = copy.deepcopy(s.cfg)
-        for k, v in raw.items():
-            try:
-                full = set_value(scratch, str(k), v, s.aliases)
-            except ConfigError as e:
-                raise StudyError(f"recipe {s.recipe.name}: search_space returned {k}={v!r}: {e}") from None
-            params[full] = _plain(v)
-        return params
+        return recipe_params(s, s.recipe.search_space(trial))
     return sample_space(trial, check_space(default_space(s.cfg), s.cfg, s.aliases, "default space"))
+
+
+def recipe_params(s: Setup, raw: Any) -> dict:
+    """What the recipe's search_space returned, as full config keys; a key it does not know or a value
+    out of the key's bounds would fail every trial alike: StudyError."""
+    if not isinstance(raw, dict):
+        raise StudyError(f"recipe {s.recipe.name}: search_space(trial) must return a dict "
+                         f"{{config key: value}}, got {type(raw).__name__}")
+    params = {}
+    scratch = copy.deepcopy(s.cfg)
+    for k, v in raw.items():
+        try:
+            full = set_value(scratch, str(k), v, s.aliases)
+            check_key(scratch, full)
+        except ConfigError as e:
+            raise StudyError(f"recipe {s.recipe.name}: search_space returned {k}={v!r}: {e}") from None
+        params[full] = _plain(v)
+    return params
+
+
+class _EdgeTrial:
+    """A stand-in optuna trial whose suggest_* return pass 0: every range's low end and first choice,
+    pass 1: every high end and second choice, pass i: the i-th choice."""
+
+    def __init__(self, i: int) -> None:
+        self.i, self.widest = i, 2
+
+    def suggest_float(self, name: str, low: Any, high: Any, *args: Any, **kwargs: Any) -> Any:
+        return low if self.i == 0 else high
+
+    suggest_int = suggest_uniform = suggest_loguniform = suggest_discrete_uniform = suggest_float
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        self.widest = max(self.widest, len(choices))
+        return choices[min(self.i, len(choices) - 1)]
+
+
+def probe_search_space(s: Setup, max_passes: int = 64) -> None:
+    """Check the recipe's search_space before the study: called with stand-in trials that pick every
+    range's ends and every choice, each value must fit its key's bounds (one error at start, not a
+    failed study later). A space the stand-in cannot drive is left to the check of each draw."""
+    i, passes = 0, 2
+    while i < min(passes, max_passes):
+        trial = _EdgeTrial(i)
+        try:
+            raw = s.recipe.search_space(trial)
+        except Exception:  # noqa: BLE001 - it needs a real trial: every draw is still checked
+            return
+        recipe_params(s, raw)
+        i, passes = i + 1, max(passes, trial.widest)
 
 
 def _plain(v: Any) -> Any:
@@ -402,11 +456,12 @@ def _plain(v: Any) -> Any:
 def apply_params(cfg: Any, params: dict, aliases: dict, source: str) -> Any:
     """A copy of cfg with the params applied as overrides (what `key=value` on the command line does)."""
     cfg = copy.deepcopy(cfg)
-    for k, v in params.items():
-        try:
+    try:
+        for k, v in params.items():
             set_value(cfg, str(k), v, aliases)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     return cfg
 
 
@@ -881,6 +936,23 @@ def read_hyperparams(path: str) -> dict:
                       f"or a flat {{config key: value}} object")
 
 
+def check_final_free(s: Setup) -> None:
+    """The final training always runs in <study>/final (run_name is forced), so the trainer's advice for
+    an occupied run directory (another trainer.run_name) cannot work here: say what does, at start."""
+    final, t, h = s.study_dir / "final", s.cfg.trainer, s.hpo
+    metrics = final / "metrics.jsonl"
+    held = ((metrics.is_file() and metrics.stat().st_size > 0) or (final / "model.safetensors").exists()
+            or any((final / "checkpoints").glob("*.ckpt")))
+    # a new in-memory study refuses a folder with trials anyway, with its own advice (open_study)
+    other = not h.storage and not h.skip_hyperopt and any(s.study_dir.glob("trial_*"))
+    if dist.broadcast_object(held and not (t.overwrite or t.resume or other)):  # rank 0 decides for all
+        new = (f"train in a new folder with hpo.study_name=<new name> --hyperparams-file "
+               f"{h.hyperparams_file or s.out}" if h.skip_hyperopt
+               else "start a new study with hpo.study_name=<new name>")
+        raise ConfigError(f"{final} already holds the final training of study {s.study_name}: train it again with "
+                          f"trainer.overwrite=true, continue it with trainer.resume=auto, or {new}")
+
+
 def final_training(s: Setup, params: dict, source: str) -> dict:
     cfg = apply_params(s.cfg, params, s.aliases, source)
     cfg.trainer.out_dir, cfg.trainer.run_name = str(s.study_dir), "final"
@@ -912,6 +984,8 @@ def main(argv: list[str] | None = None) -> int:
         device = dist.pick_device(s.cfg.trainer.device, dist.env_from_torchrun())
         group = StudyGroup(device, s.cfg.trainer.ddp_timeout)
         name_study(s)
+        if h.final or h.skip_hyperopt:
+            check_final_free(s)  # before any trial: a finished study run again stops here, not after it
         if h.skip_hyperopt:
             path = h.hyperparams_file or str(s.out)
             params = read_hyperparams(path)

@@ -7,6 +7,7 @@ comes from the engine. `recipes/<name>/__main__.py` is one line: `main(recipe)`.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from . import dist
 from .preemption import Preempted
+from .rundir import disk_error
 from .config import (Config, ConfigError, DataConfig, DataError, UserError, help_text, load_yaml, set_value,
                      to_dict)
 
@@ -100,12 +102,16 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], bool]
 def build_config(recipe: Recipe, argv: list[str]) -> tuple[Config, bool, bool]:
     """-> (config, help wanted, synthetic demo). Order: code defaults < recipe defaults <
     demo settings (only without data.root) < YAML file < command line."""
+    from .config import validate
+
     config_path, pairs, want_help = parse_cli(argv)
     aliases = {**ENGINE_ALIASES, **recipe.aliases}
-    for k, _ in pairs:
+    for k, v in pairs:
         if k in LAUNCHER_FLAGS:
             raise ConfigError(f"--{k} picks the number of processes, which the launcher owns: use "
                               f"`torchrun --nproc_per_node=N -m recipes.{recipe.name}` or `launch/train_ddp.sh -g/-d`")
+        if k == "recipe" and v != recipe.name:
+            raise ConfigError(f"recipe={v}: this is recipe {recipe.name}; run python -m recipes.{v} instead")
 
     def fresh() -> Config:
         cfg = Config(model=recipe.model_config(), data=recipe.data_config(), recipe=recipe.name)
@@ -134,14 +140,15 @@ def build_config(recipe: Recipe, argv: list[str]) -> tuple[Config, bool, bool]:
             if k not in user_keys:
                 set_value(cfg, k, v)
     apply_user(cfg)
+    if not want_help:
+        validate(cfg)  # every range, once, before a process group, a dataset or a run directory exists
     return cfg, want_help, demo
 
 
 def _yaml_keys(path: str) -> set[str]:
-    import yaml
+    from .config import read_yaml
 
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    data = read_yaml(path)
 
     def walk(d: dict, prefix: str) -> set[str]:
         out: set[str] = set()
@@ -227,6 +234,7 @@ def guarded(body: Callable[[], Any]) -> int:
     """Run `body` with trainlib's exit policy and return the process exit code.
 
     bad input (UserError)      one line `error: ...`, exit 2, nothing written is touched
+    full / read-only disk      one line `error: cannot write <file>: ...`, exit 2
     SIGTERM / SIGINT           last.ckpt saved by the trainer, exit 143 / 130 (Preempted)
     any other exception        under torchrun: `[rank r] failed: ...` then the traceback (exit 1), so
                                torchrun's summary and the log both name the failing rank; a rank whose
@@ -242,6 +250,12 @@ def guarded(body: Callable[[], Any]) -> int:
         return 0
     except UserError as e:
         say(f"error: {e}")
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        # a write the trainer does not guard itself (a log file, history.json): still one line
+        say(f"error: {disk_error(e, e.filename or 'a file')}")
         return 2
     except Preempted as e:
         say(str(e))

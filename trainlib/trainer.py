@@ -26,9 +26,10 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from . import __version__, checkpoint, dist, flops, fsdp, graphs
+from . import __version__, checkpoint, dist, flops, fsdp, graphs, rundir
 from .callbacks import Callback, EarlyStopping, History, LRMonitor, ModelCheckpoint
-from .config import Config, ConfigError, DataConfig, LogConfig, OptimConfig, TrainerConfig, dump_yaml, to_dict
+from .config import (Config, ConfigError, DataConfig, LogConfig, OptimConfig, TrainerConfig, dump_yaml, parse_duration,
+                     to_dict, validate)
 from .data import (DeviceLoader, DevicePrefetcher, ShardSampler, batch_size_of, build_loader, map_tensors,
                    shape_keys, to_device)
 from .loggers import ConsoleLogger, Logger, build_loggers, log, setup_text_log
@@ -46,20 +47,6 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, (list, tuple)):
         return model(batch[0])
     return model(batch)
-
-
-def parse_duration(text: str) -> float:
-    """'DD:HH:MM:SS' (or fewer fields) or plain seconds -> seconds; '' -> inf."""
-    if not text:
-        return math.inf
-    try:
-        parts = [float(p) for p in str(text).split(":")]
-    except ValueError:
-        raise ConfigError(f"trainer.max_time: expected 'DD:HH:MM:SS' or seconds, got {text!r}") from None
-    seconds = 0.0
-    for p, unit in zip(reversed(parts), (1, 60, 3600, 86400)):
-        seconds += p * unit
-    return seconds
 
 
 def _limit(n: int, limit: int | float, key: str) -> int:
@@ -97,6 +84,7 @@ class Trainer:
         else:
             cfg = Config(trainer=config or TrainerConfig(), optim=optim or OptimConfig(),
                          data=data or DataConfig(), log=log_config or LogConfig())
+        validate(cfg)  # every key's bounds, before a process group or a run directory exists
         self.cfg, self.tc = cfg, cfg.trainer
         self.name = cfg.recipe or name
         self.loss_fn, self.forward_fn = loss_fn, forward_fn or default_forward
@@ -106,13 +94,6 @@ class Trainer:
 
         fdr = self.tc.fast_dev_run
         self.fast_dev_run = (1 if fdr is True else int(fdr)) if fdr not in (False, 0) else 0
-        if self.tc.accumulate_grad_batches < 1:
-            raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, got {self.tc.accumulate_grad_batches}")
-        if self.tc.fsdp_min_params < 1:
-            raise ConfigError(f"trainer.fsdp_min_params must be >= 1, got {self.tc.fsdp_min_params}")
-        for key in ("save_top_k", "keep_last_k"):
-            if getattr(self.tc, key) < -1:
-                raise ConfigError(f"trainer.{key} must be a count >= 0, or -1 for all; got {getattr(self.tc, key)}")
         self.max_seconds = parse_duration(self.tc.max_time)
 
         # --- setup: device, process group, seeds --------------------------------------------------
@@ -140,7 +121,7 @@ class Trainer:
         self.mark_compiled_steps = compile_mode in ("reduce-overhead", "max-autotune") and self.device.type == "cuda"
 
         # --- model: device -> dtype -> sync BN -> (FSDP shards) -> compile -> DDP -----------------
-        self.setup_notes: list[str] = []  # decisions logged once the run's text log exists
+        self.setup_notes: list[str] | None = []  # decisions logged once the run's text log exists (then None)
         self.model = model.to(self.device, dtype=self.precision.param_dtype)
         use_ddp = self.env.distributed and self.tc.strategy == "ddp"
         self.sharded = self.env.distributed and self.tc.strategy == "fsdp"
@@ -200,6 +181,10 @@ class Trainer:
         self.optimizer = build_optimizer(param_groups or trainable_params(self.model), cfg.optim)
         # Fused optimizers take a device-side found_inf flag: a non-finite step is skipped with no host sync.
         self.device_skip = bool(self.optimizer.defaults.get("fused"))
+        if self.use_graphs and not self.device_skip:
+            log.warning("trainer.cuda_graphs=true ignored: the optimizer has no fused kernel, so a non-finite step "
+                        "can only be skipped from the host; running eagerly")
+            self.use_graphs = False
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         # Gradients are normalised by the global weight of each step; with one micro-batch in one
         # process that is the loss's own mean, so the extra pass over the gradients is skipped.
@@ -231,10 +216,15 @@ class Trainer:
         self.epoch_train_metrics: dict[str, float] = {}
         self.acc: dict | None = None  # running sums of the current epoch (see _train_epoch)
         self.rows_logged = 0          # rows sent to the loggers; a resume truncates metrics.jsonl to it
+        self.skipped_steps = 0        # steps not applied (non-finite loss or gradient), and how many in a row
+        self.consecutive_skips = 0
+        self.halted = False           # stopped because training went non-finite
         self.signals = SignalFlag()
         self.preempt_signal = 0
         self.callbacks: list[Callback] = list(callbacks)
         self.run_dir: Path = Path(self.tc.out_dir)
+        self._run_dir_override: Path | None = None  # trainer.resume=<run directory>: continue in it
+        self.lock: rundir.RunLock | None = None      # rank 0: the run directory's owner file
         self.loggers: list[Logger] = []
 
     # ------------------------------------------------------------------------------------------
@@ -272,6 +262,13 @@ class Trainer:
             return min(n, self.fast_dev_run)
         return _limit(n, self.tc.limit_train_batches, "limit_train_batches")
 
+    def _note(self, text: str) -> None:
+        """An info line for train.log: logged now, or once the run directory's log exists."""
+        if self.setup_notes is None:
+            log.info(text)
+        else:
+            self.setup_notes.append(text)
+
     def request_stop(self, reason: str) -> None:
         """Called with values that are identical on every rank, so every rank stops together."""
         if not self.should_stop:
@@ -292,38 +289,66 @@ class Trainer:
         return next((lg for lg in self.loggers if isinstance(lg, ConsoleLogger)), None)
 
     # ---------------------------------------------------------------- run directory and loggers
-    def _prepare_run_dir(self, fresh_ok: bool) -> None:
+    def _prepare_run_dir(self, resuming: bool) -> None:
+        """Create (or continue in) the run directory and take its lock. A folder that already holds
+        a run is continued only by a resume; a fresh start there needs trainer.overwrite=true (or is
+        an elastic restart of this same job before its first checkpoint). Inputs were checked before:
+        a failed start leaves no folder behind."""
         tc = self.tc
-        run_name = tc.run_name
-        if not run_name:
-            run_name = dist.broadcast_object(f"{self.name}_{time.strftime('%Y%m%d_%H%M%S')}")
-        self.run_dir = Path(tc.out_dir) / run_name
-        problem = ""
+        if self._run_dir_override is not None:
+            self.run_dir = self._run_dir_override
+        else:
+            run_name = tc.run_name or dist.broadcast_object(f"{self.name}_{time.strftime('%Y%m%d_%H%M%S')}")
+            self.run_dir = Path(tc.out_dir) / run_name
+        problem: tuple[str, str] | None = None
         if self.is_main:
-            occupied = (self.run_dir / "metrics.jsonl").exists() or (self.run_dir / "checkpoints").exists()
-            if occupied and not fresh_ok:
-                # resume=auto without a checkpoint to resume (e.g. an elastic restart of a run that died
-                # before its first checkpoint): nothing can be continued, so the run starts over.
-                if tc.overwrite or tc.resume == "auto":
-                    for p in ("metrics.jsonl", "history.json", "train.log", "model.safetensors", "tb"):
-                        q = self.run_dir / p
-                        shutil.rmtree(q) if q.is_dir() else q.unlink(missing_ok=True)
-                    shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
-                else:
-                    problem = (f"run directory {self.run_dir} already holds a run; continue it with "
-                               f"trainer.resume=auto, start over with trainer.overwrite=true, or pick another trainer.run_name")
-            if not problem:
-                (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-                for stale in [*self.run_dir.glob(".*.tmp-*"), *(self.run_dir / "checkpoints").glob(".*.tmp-*")]:
-                    stale.unlink(missing_ok=True)  # half-written files of a process that died mid-write
+            created = not self.run_dir.exists()
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.lock = rundir.RunLock(self.run_dir)
+                note = self.lock.acquire()
+                if note:
+                    self._note(note)
+                if not resuming and rundir.holds_run(self.run_dir):
+                    if self.lock.same_job_restart():
+                        self._note("an earlier attempt of this job wrote this run directory and died before its "
+                                   "first checkpoint: starting over")
+                        self._clear_run_files()
+                    elif tc.overwrite:
+                        self._note(f"trainer.overwrite=true: removed the previous run's files in {self.run_dir}")
+                        self._clear_run_files()
+                    else:
+                        why = " but no checkpoint to resume" if tc.resume == "auto" else ""
+                        problem = ("config", f"run directory {self.run_dir} already holds a run{why}; continue it with "
+                                             "trainer.resume=auto, start over with trainer.overwrite=true, or pick "
+                                             "another trainer.run_name")
+                if problem is None:
+                    (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+                    for stale in [*self.run_dir.glob(".*.tmp-*"), *(self.run_dir / "checkpoints").glob(".*.tmp-*")]:
+                        stale.unlink(missing_ok=True)  # half-written files of a process that died mid-write
+                    checkpoint.atomic_write_bytes(self.run_dir / "config.yaml", dump_yaml(self.cfg).encode())
+            except rundir.RunDirError as e:
+                problem = ("disk", str(e))
+            except OSError as e:
+                problem = ("disk", str(rundir.disk_error(e, f"the run directory {self.run_dir}")))
+            if problem is not None:
+                if self.lock is not None:
+                    self.lock.release()
+                if created:  # only what this call made
+                    shutil.rmtree(self.run_dir, ignore_errors=True)
         problem = dist.broadcast_object(problem)
-        if problem:
-            raise ConfigError(problem)
+        if problem is not None:
+            raise (ConfigError if problem[0] == "config" else rundir.RunDirError)(problem[1])
         setup_text_log(self.run_dir, self.is_main)
-        for note in self.setup_notes:  # decisions made while building, before the text log existed
+        for note in self.setup_notes or []:  # decisions made while building, before the text log existed
             log.info(note)
-        if self.is_main:
-            checkpoint.atomic_write_bytes(self.run_dir / "config.yaml", dump_yaml(self.cfg).encode())
+        self.setup_notes = None  # from here on, notes are logged at once
+
+    def _clear_run_files(self) -> None:
+        for p in ("metrics.jsonl", "history.json", "train.log", "model.safetensors", "tb"):
+            q = self.run_dir / p
+            shutil.rmtree(q) if q.is_dir() else q.unlink(missing_ok=True)
+        shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
 
     def _start_loggers(self) -> None:
         """After a resume has cut metrics.jsonl back to the checkpoint's rows."""
@@ -344,19 +369,35 @@ class Trainer:
         self.callbacks = [cb for cb in builtin if type(cb) not in have] + self.callbacks
 
     def _resume_path(self) -> Path | None:
+        """The checkpoint trainer.resume names: a file; a run directory (its newest checkpoint, and
+        the run continues in that folder); 'auto' (the newest checkpoint of trainer.run_name, or of
+        the newest run of this recipe); None when 'auto' finds nothing."""
         r = self.tc.resume
         if not r:
             return None
-        if r != "auto":
-            return Path(r)
-        if self.tc.run_name:
-            candidates = [Path(self.tc.out_dir) / self.tc.run_name]
-        else:  # newest run of this recipe that has a last.ckpt
-            candidates = sorted(Path(self.tc.out_dir).glob(f"{self.name}_*"), key=lambda p: p.name, reverse=True)
-        for c in candidates:
-            if (c / "checkpoints" / "last.ckpt").is_file():
-                return c / "checkpoints" / "last.ckpt"
-        return None
+        if r == "auto":
+            if self.tc.run_name:
+                return rundir.newest_checkpoint(Path(self.tc.out_dir) / self.tc.run_name)
+            runs = sorted(Path(self.tc.out_dir).glob(f"{self.name}_*"), key=lambda p: p.name, reverse=True)
+            found = next((c for c in map(rundir.newest_checkpoint, runs) if c is not None), None)
+            if found is not None:
+                self.tc.run_name = found.parent.parent.name
+            return found
+        path = Path(r)
+        if path.is_dir():
+            run = path.parent if path.name == "checkpoints" else path
+            found = rundir.newest_checkpoint(run)
+            if found is None:
+                raise checkpoint.CheckpointError(
+                    f"trainer.resume={r}: no checkpoint in {run / 'checkpoints'} (expected last.ckpt, "
+                    "step=<N>.ckpt or a top-k file)")
+            if not self.tc.run_name:
+                self._run_dir_override = run
+            return found
+        if not path.is_file():
+            raise checkpoint.CheckpointError(f"trainer.resume: checkpoint not found: {r} (expected a .ckpt file, "
+                                             "a run directory, or 'auto')")
+        return path
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self, epoch_done: bool) -> dict:
@@ -378,6 +419,7 @@ class Trainer:
             "epoch_done": epoch_done,
             "accumulators": accs,
             "rows_logged": self.rows_logged,
+            "skips": {"total": self.skipped_steps, "consecutive": self.consecutive_skips},
             "sampler_seed": self.tc.seed,
             "world_size": self.env.world_size,
             "rng": rngs,
@@ -406,12 +448,22 @@ class Trainer:
             log.error(f"not writing {path}: the model has non-finite weights (keeping the previous checkpoint)")
             return False
         state = self.state_dict(self.epoch_done if epoch_done is None else epoch_done)
+        error = ""
         if self.is_main:
-            checkpoint.atomic_save(state, path)
+            try:
+                checkpoint.atomic_save(state, path)
+            except OSError as e:  # a full or read-only disk: the previous file (if any) is untouched
+                kept = " (the previous file is kept)" if Path(path).is_file() else ""
+                error = str(rundir.disk_error(e, f"checkpoint {path}{kept}"))
+        error = dist.broadcast_object(error)  # every rank ends with the same line (checkpoint time only)
+        if error:
+            raise rundir.RunDirError(error)
         return True
 
-    def load_checkpoint(self, path: str | os.PathLike, weights_only: bool = False) -> None:
-        state = checkpoint.load(path)
+    def load_checkpoint(self, path: str | os.PathLike, weights_only: bool = False, state: dict | None = None) -> None:
+        """Restore from `path` (or its already loaded `state`): the weights, or with weights_only=False
+        everything a resume needs. Touches no file: fit() cuts metrics.jsonl back afterwards."""
+        state = checkpoint.load(path) if state is None else state
         checkpoint.load_model_state(self.model, state["model"], str(path),
                                     load=(lambda sd: fsdp.load_model_state(self.model, sd)) if self.sharded else None)
         if weights_only:
@@ -434,16 +486,16 @@ class Trainer:
             if len(accs) == self.env.world_size and accs[self.env.rank] is not None:
                 self.acc = _to_device(accs[self.env.rank], self.device)
         self.rows_logged = state["rows_logged"]
-        if self.is_main:
-            _truncate_lines(self.run_dir / "metrics.jsonl", self.rows_logged)
+        skips = state.get("skips", {})
+        self.skipped_steps, self.consecutive_skips = skips.get("total", 0), skips.get("consecutive", 0)
         rngs = state["rng"]
         if len(rngs) == self.env.world_size:
             dist.set_rng_state(rngs[self.env.rank])
         else:
             log.warning(f"{path} was written by {len(rngs)} process(es), this run has {self.env.world_size}: "
                         "random streams restart from the seed (results will differ from an uninterrupted run)")
-        log.info(f"resumed from {path}: epoch {self.epoch}, step {self.global_step}, "
-                 f"batch {self.batch_in_epoch} of the epoch")
+        self._note(f"resumed from {path}: epoch {self.epoch}, step {self.global_step}, "
+                   f"batch {self.batch_in_epoch} of the epoch")
 
     # ------------------------------------------------------------------------------------- fit
     def fit(self) -> dict[str, float]:
@@ -451,20 +503,18 @@ class Trainer:
             raise ConfigError("fit() needs training data")
         tc = self.tc
         self._default_callbacks()
+        # every input is checked before the run directory is made: a failed start leaves nothing behind
         resume = self._resume_path()
-        if tc.resume and resume is None:
-            if tc.resume == "auto":
-                log.info("trainer.resume=auto: no last.ckpt found, starting a fresh run")
-            else:
-                raise checkpoint.CheckpointError(f"trainer.resume: checkpoint not found: {tc.resume}")
-        if resume is not None and not tc.run_name and tc.resume == "auto":
-            self.tc.run_name = resume.parent.parent.name
-        self._prepare_run_dir(fresh_ok=resume is not None)
         if resume is not None:
             self.load_checkpoint(resume)
         elif tc.ckpt_path:
             self.load_checkpoint(tc.ckpt_path, weights_only=True)
-            log.info(f"initialised weights from {tc.ckpt_path}")
+            self._note(f"initialised weights from {tc.ckpt_path}")
+        elif tc.resume == "auto":
+            self._note("trainer.resume=auto: no checkpoint to resume, starting a fresh run")
+        self._prepare_run_dir(resuming=resume is not None)
+        if resume is not None and self.is_main:
+            _truncate_lines(self.run_dir / "metrics.jsonl", self.rows_logged)  # rows of a run that died after the checkpoint
         self._start_loggers()
         log.info(f"run directory: {self.run_dir}  ({self.env.world_size} process(es), device {self.device.type}, "
                  f"precision {tc.precision}, {self.steps_per_epoch} steps/epoch)")
@@ -486,6 +536,9 @@ class Trainer:
                     last = self.run_dir / "checkpoints" / "last.ckpt"
                     self.save_checkpoint(last)  # mid-epoch state: resume continues at the next batch
                     raise Preempted(self.preempt_signal, str(last))
+                if self.halted:  # non-finite training: the unfinished epoch is neither validated nor saved as done
+                    self._keep_a_checkpoint()
+                    break
                 self.epoch_done = True
                 every = tc.check_val_every_n_epoch
                 if "val" in self.loaders and every > 0 and ((self.epoch + 1) % every == 0 or self._last_epoch(max_epochs)):
@@ -498,8 +551,8 @@ class Trainer:
                     self.console.epoch_end()
                 self.epoch += 1
                 self.batch_in_epoch = 0
-            if self.should_stop:
-                log.info(f"stopped: {self.stop_reason}")
+            if self.should_stop and (self.is_main or not self.halted):  # (errors show on every rank)
+                (log.error if self.halted else log.info)(f"stopped: {self.stop_reason}")
             self._emit("on_fit_end")
             if "test" in self.loaders and self.datasets["test"] is not self.datasets["val"]:
                 last_val = {**last_val, **self.evaluate("test")}
@@ -509,6 +562,20 @@ class Trainer:
             self.signals.restore()
             self.close()
         return last_val
+
+    def _keep_a_checkpoint(self) -> None:
+        """After a non-finite stop: the run's newest checkpoint (written before the problem) stays as
+        it is; a run that has none yet gets last.ckpt of its current weights, which only ever took
+        finite steps."""
+        if self.fast_dev_run:
+            return
+        newest = dist.broadcast_object(rundir.newest_checkpoint(self.run_dir) if self.is_main else None)
+        if newest is not None:
+            log.info(f"the last good checkpoint is {newest}")
+            return
+        last = self.run_dir / "checkpoints" / "last.ckpt"
+        if self.save_checkpoint(last, epoch_done=False):
+            log.info(f"wrote {last} from the last finite weights (step {self.global_step})")
 
     def _last_epoch(self, max_epochs: int) -> bool:
         return self.epoch + 1 >= max_epochs or self.should_stop or 0 < self.tc.max_steps <= self.global_step
@@ -567,31 +634,22 @@ class Trainer:
             items, skipped = self._run_step(window)  # no host sync
             window = []
             acc["pending"].extend(items)
-            if skipped is not None:
-                acc["skipped"] += skipped
+            acc["skips"].append(skipped)
             self.global_step += 1
             self.batch_in_epoch = i
             steps_since_log += 1
 
             if self.global_step % every == 0 or i == n:
-                # Logging step: the only host syncs of the loop (.item(), cross-rank reduce).
-                self._fold()
-                names = sorted(acc["parts"])
-                sums = acc["sums"]
-                stats = torch.cat([sums[2:5], acc["skipped"].view(1).double(),
-                                   torch.tensor([float(self.signals.signum)], device=dev, dtype=torch.float64)]
-                                  + [acc["parts"][p].view(1) for p in names])
-                if self.env.distributed:
-                    torch_dist.all_reduce(stats)
-                vals = stats.tolist()  # host sync (logging step)
-                elapsed = time.time() - t_log
-                row = {"step": self.global_step, "epoch": self.epoch, "split": "train",
-                       "loss": vals[0] / max(vals[1], 1e-12)}
-                for j, p in enumerate(names):
-                    row[p] = vals[5 + j] / max(vals[1], 1e-12)
-                if vals[3] > 0:
-                    row["skipped_steps"] = int(vals[3] / max(1, self.env.world_size))
-                elapsed = max(elapsed, 1e-9)
+                # Logging step: the only host syncs of the loop (one reduce, one .tolist()).
+                over_time = math.isfinite(self.max_seconds) and time.time() - t_start >= self.max_seconds
+                stats, flags = self._window_stats(acc, over_time)
+                elapsed = max(time.time() - t_log, 1e-9)
+                row = {"step": self.global_step, "epoch": self.epoch, "split": "train"}
+                if stats["weight"] > 0:  # a window whose steps were all skipped has no loss to show
+                    row["loss"] = stats["loss"] / stats["weight"]
+                    row.update({p[5:]: v / stats["weight"] for p, v in stats.items() if p.startswith("part:")})
+                if any(flags):
+                    row["skipped_steps"] = sum(f > 0 for f in flags)
                 row["steps_per_s"] = steps_since_log / elapsed
                 row["samples_per_s"] = samples * self.env.world_size / elapsed  # equal shards on every rank
                 row["step_ms"] = 1000 * elapsed / max(steps_since_log, 1)
@@ -603,19 +661,12 @@ class Trainer:
                 samples, wait0 = 0, prefetcher.wait_s
                 self._emit("on_train_log", row)
                 self._log_row(row)
-                sums[2:5].zero_()
-                acc["skipped"].zero_()
-                acc["parts"].clear()
                 t_log, steps_since_log = time.time(), 0
-                if vals[2] > 0 and tc.nonfinite == "stop":
-                    self.request_stop(f"non-finite training loss before step {self.global_step} "
-                                      f"(trainer.nonfinite=skip skips such steps and goes on)")
-                if vals[4] > 0:  # a rank got SIGTERM/SIGINT: every rank stops here, at the same step
+                self._count_skips(flags)
+                if stats["signal"] > 0:  # a rank got SIGTERM/SIGINT: every rank stops here, at the same step
                     self.preempt_signal = self.signals.signum or signal.SIGTERM
-                if math.isfinite(self.max_seconds):
-                    over = dist.any_true(time.time() - t_start >= self.max_seconds, dev)  # host sync (logging step)
-                    if over:
-                        self.request_stop(f"trainer.max_time={tc.max_time} reached")
+                if stats["over_time"] > 0:
+                    self.request_stop(f"trainer.max_time={tc.max_time} reached")
             if one_process and self.signals.signum:  # one process: no agreement needed
                 self.preempt_signal = self.signals.signum
             if self.preempt_signal:
@@ -625,22 +676,23 @@ class Trainer:
             if self.should_stop or 0 < tc.max_steps <= self.global_step:
                 break
 
-        stats = acc["sums"][0:2].clone()  # the epoch's last step was a logging step: nothing is pending
+        stats = torch.stack([acc["epoch_loss"], acc["epoch_weight"]])  # the last step logged: nothing pending
         if self.env.distributed:
             torch_dist.all_reduce(stats)
         s, w = stats.tolist()  # host sync (epoch end)
         self.epoch_train_metrics = {"train/loss": s / w if w > 0 else math.nan}
 
     def _fresh_accumulators(self) -> dict:
-        """sums: epoch loss*weight, epoch weight, window loss*weight, window weight, window non-finite
-        micro-batches; skipped: skipped steps in the window; parts: logged loss parts; pending:
-        (loss, weight, parts) of steps not summed yet, scalars or one entry per micro-batch (summed
-        in one go on logging steps: no per-step tensor ops)."""
-        z = torch.zeros(5, device=self.device, dtype=torch.float64)
-        return {"sums": z, "skipped": torch.zeros((), device=self.device), "parts": {}, "pending": []}
+        """Running sums of the epoch and of the logging window (loss*weight, weight; finite items
+        only), the window's loss parts, `pending` (loss, weight, parts) items of steps not summed
+        yet (summed in one go on logging steps: no per-step tensor ops) and `skips`, each step's
+        device flag "not applied". All checkpointed, so a resumed run logs the same rows."""
+        z = lambda: torch.zeros((), device=self.device, dtype=torch.float64)  # noqa: E731
+        return {"epoch_loss": z(), "epoch_weight": z(), "loss": z(), "weight": z(), "parts": {}, "pending": [],
+                "skips": []}
 
     def _fold(self) -> None:
-        """Sum the pending micro-batches into the running sums (non-finite ones are counted, not summed)."""
+        """Sum the pending micro-batches into the running sums (non-finite ones are left out)."""
         acc = self.acc
         pend = acc["pending"]
         if not pend:
@@ -649,28 +701,82 @@ class Trainer:
         contrib = torch.cat([p[0].reshape(-1) for p in pend]).double() * ws
         ok = torch.isfinite(contrib)
         c, w = torch.where(ok, contrib, 0).sum(), torch.where(ok, ws, 0).sum()
-        acc["sums"] += torch.stack((c, w, c, w, (~ok).sum().double()))
+        for name, v in (("epoch_loss", c), ("epoch_weight", w), ("loss", c), ("weight", w)):
+            acc[name] += v
         for name in pend[0][2]:
             v = torch.cat([p[2][name].reshape(-1) for p in pend]).double() * ws
             acc["parts"][name] = acc["parts"].get(name, 0) + torch.where(ok, v, 0).sum()
         pend.clear()
 
+    def _window_stats(self, acc: dict, over_time: bool) -> tuple[dict[str, float], list[float]]:
+        """The logging window's statistics by name, summed over ranks ("loss", "weight", "part:<name>",
+        "signal", "over_time"), and each step's skip flag (already agreed by every rank), in one
+        all-reduce and one host sync. The window's sums start again at zero."""
+        self._fold()
+        dev = self.device
+        names = ["loss", "weight", *(f"part:{p}" for p in sorted(acc["parts"])), "signal", "over_time"]
+        host = torch.tensor([float(self.signals.signum), float(over_time)], device=dev, dtype=torch.float64)
+        stats = torch.cat([torch.stack([acc["loss"], acc["weight"], *(acc["parts"][p] for p in sorted(acc["parts"]))])
+                           .double(), host])
+        if self.env.distributed:
+            torch_dist.all_reduce(stats)
+        skips = torch.stack(acc["skips"]).double().reshape(-1) if acc["skips"] else stats[:0]
+        values = torch.cat([stats, skips]).tolist()  # host sync (logging step)
+        acc["loss"].zero_()
+        acc["weight"].zero_()
+        acc["parts"].clear()
+        acc["skips"].clear()
+        return dict(zip(names, values)), values[len(names):]
+
+    def _count_skips(self, flags: list[float]) -> None:
+        """`flags`: this window's steps, 1 = not applied (non-finite loss or gradient). stop: end the
+        run naming the first such step; skip: say how many and go on, until trainer.max_skipped_steps
+        in a row."""
+        first = None
+        for j, f in enumerate(flags):
+            if f > 0:
+                self.skipped_steps += 1
+                self.consecutive_skips += 1
+                first = first or self.global_step - len(flags) + 1 + j
+            else:
+                self.consecutive_skips = 0
+        if first is None:
+            return
+        if self.tc.nonfinite == "stop":
+            self._halt(f"non-finite loss or gradient at step {first}; that update was not applied "
+                       "(trainer.nonfinite=stop; trainer.nonfinite=skip skips such steps and goes on)")
+            return
+        n = sum(f > 0 for f in flags)
+        log.warning(f"skipped {n} step(s) with a non-finite loss or gradient up to step {self.global_step} "
+                    f"(first: step {first}; {self.skipped_steps} skipped in all, {self.consecutive_skips} in a row)")
+        limit = self.tc.max_skipped_steps
+        if limit and self.consecutive_skips >= limit:
+            self._halt(f"{self.consecutive_skips} steps in a row had a non-finite loss or gradient "
+                       f"(trainer.max_skipped_steps={limit}): training diverged or the data holds NaN/inf; "
+                       "lower optim.lr or check the data")
+
+    def _halt(self, reason: str) -> None:
+        """Training went non-finite: stop at this step on every rank (the flags are agreed), without
+        validating or saving an unfinished epoch as finished; fit() keeps the last good checkpoint."""
+        self.halted = True
+        self.request_stop(reason)
+
     # ---------------------------------------------------------------------------- one step
-    def _run_step(self, batches: list[Any]) -> tuple[list[tuple], torch.Tensor | None]:
+    def _run_step(self, batches: list[Any]) -> tuple[list[tuple], torch.Tensor]:
         """One optimizer step over `batches` (its micro-batches), eager or as a replayed CUDA
-        graph. Returns the (loss, weight, parts) items to log and the "skipped" device flag
-        (trainer.nonfinite=skip; else None). No host sync."""
+        graph. Returns the (loss, weight, parts) items to log and the device flag "this step was
+        not applied" (a non-finite loss or gradient). No host sync."""
         if self.graphs is not None:
             packed = self.graphs(batches)
             k, names = len(batches), self._part_names
             items = [(packed[:k], packed[k:2 * k], {p: packed[(2 + j) * k:(3 + j) * k] for j, p in enumerate(names)})]
-            skipped = packed[-1] if self.tc.nonfinite == "skip" else None
+            skipped = packed[-1]
         else:
             items, skipped = self._device_step(batches)
         self.schedule.step()  # host math; fills the device lr tensor a captured step reads
         return items, skipped
 
-    def _device_step(self, batches: list[Any]) -> tuple[list[tuple], torch.Tensor | None]:
+    def _device_step(self, batches: list[Any]) -> tuple[list[tuple], torch.Tensor]:
         """Forward/backward of every micro-batch (DDP syncs on the last only), then the optimizer
         step. Device work only, so it can be captured in a CUDA graph."""
         items = []
@@ -699,13 +805,12 @@ class Trainer:
 
     def _packed_step(self, batches: list[Any]) -> torch.Tensor:
         """_device_step with its results in one 1-D tensor (a graph's single output):
-        [losses(k), weights(k), each part(k) in sorted name order, skipped flag (skip mode)]."""
+        [losses(k), weights(k), each part(k) in sorted name order, skipped flag]."""
         items, skipped = self._device_step(batches)
         self._part_names = names = sorted(items[0][2])
         cols = [torch.stack([it[0].float() for it in items]), torch.stack([it[1] for it in items])]
         cols += [torch.stack([it[2][p].float() for it in items]) for p in names]
-        if skipped is not None:
-            cols.append(skipped.float().view(1))
+        cols.append(skipped.float().view(1))
         return torch.cat(cols)
 
     def _unpack_loss(self, out: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -730,45 +835,45 @@ class Trainer:
             weight = w
         return loss, weight, parts
 
-    def _optimizer_step(self, window: list[tuple]) -> torch.Tensor | None:
-        """Normalise by the global weight, unscale, clip, step, zero_grad. Returns the device flag
-        "this step was skipped" when trainer.nonfinite=skip (else None). No host sync (fp16's
-        scaler with a non-fused optimizer excepted)."""
-        skip = self.tc.nonfinite == "skip"
-        total = bad = None
-        if self.normalise_grads or skip:
-            parts = []
-            if self.normalise_grads:
-                total = torch.stack([it[1] for it in window]).sum()
-                parts.append(total)
-            if skip:
-                bad = (~torch.isfinite(torch.stack([it[0].float() for it in window]))).any().float()
-                parts.append(bad)
-            if self.env.distributed:
-                stats = torch.stack(parts)
-                torch_dist.all_reduce(stats)  # device-side; DDP already averaged the gradients over ranks
-                total = stats[0] if self.normalise_grads else None
-                bad = (stats[-1] > 0).float() if skip else None
+    def _optimizer_step(self, window: list[tuple]) -> torch.Tensor:
+        """Normalise by the global weight, check, unscale, clip, step, zero_grad. A step whose loss
+        (on any rank) or gradient is not finite is never applied: returns that device flag. No host
+        sync, except fp16's GradScaler with an unfused optimizer, and an optimizer without a fused
+        kernel whose step must be skipped from the host (marked below)."""
+        dev = self.device
+        bad = (~torch.isfinite(torch.stack([it[0].float() for it in window]))).any().float()
+        total = torch.stack([it[1] for it in window]).sum() if self.normalise_grads else None
+        if self.env.distributed:  # one device-side reduce; DDP already averaged the gradients over ranks
+            stats = torch.stack([total if total is not None else bad, bad])
+            torch_dist.all_reduce(stats)
+            total, bad = (stats[0] if total is not None else None), (stats[1] > 0).float()
         scaler = self.scaler if self.scaler.is_enabled() else None
         if scaler:
-            scaler.unscale_(self.optimizer)
+            scaler.unscale_(self.optimizer)  # fp16 overflow is the scaler's to skip (not counted as bad)
         params = self._params
-        if total is not None:
-            grads = [p.grad for p in params if p.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, (self.env.world_size / total.clamp_min(1e-12)).to(grads[0].dtype))
-        if self.tc.grad_clip > 0:
-            norm = nn.utils.clip_grad_norm_(params, self.tc.grad_clip)
-            if bad is not None:
-                if self.sharded:  # a DTensor of per-shard norms: the global one (a device collective)
-                    norm = norm.full_tensor()
-                bad = torch.maximum(bad, (~torch.isfinite(norm)).float())
-        if bad is not None and self.device_skip and not scaler:
-            self.optimizer.grad_scale, self.optimizer.found_inf = None, bad  # fused step: skipped on device
+        grads = [fsdp.local(p.grad) for p in params if p.grad is not None]
+        found = None
+        if total is not None and grads:  # normalise and check in one pass over the gradients
+            found = torch.zeros(1, device=dev)
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                grads, found, (self.env.world_size / total.clamp_min(1e-12)).float().reshape(1))
+        norm = nn.utils.clip_grad_norm_(params, self.tc.grad_clip) if self.tc.grad_clip > 0 else None
+        if scaler is None and grads:
+            if found is None:  # one process, one micro-batch: nothing has read the gradients yet
+                largest = norm if norm is not None else torch.stack(torch._foreach_norm(grads, math.inf)).max()
+                found = (~torch.isfinite(largest)).float()
+            elif self.sharded:  # each rank checked its own shards: the verdict must be global
+                torch_dist.all_reduce(found, op=torch_dist.ReduceOp.MAX)
+            bad = torch.maximum(bad, found.reshape(()))
         if scaler:
+            for inf in scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values():
+                inf.copy_(torch.maximum(inf, bad.to(inf.device)))  # a non-finite loss skips the step too
             scaler.step(self.optimizer)
             scaler.update()
-        else:
+        elif self.device_skip:
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, bad  # fused step: skipped on device
+            self.optimizer.step()
+        elif not bool(bad):  # host sync: only an optimizer without a fused kernel needs one to skip
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return bad
@@ -819,12 +924,12 @@ class Trainer:
             split = "val"
         if split not in self.loaders:
             raise ConfigError("test needs a test or val split")
-        if not self.loggers:
-            self._prepare_run_dir(fresh_ok=True)
-            self._start_loggers()
-        if ckpt_path:
+        if ckpt_path:  # checked before a run directory is made
             self.load_checkpoint(ckpt_path, weights_only=True)
-            log.info(f"loaded weights from {ckpt_path}")
+            self._note(f"loaded weights from {ckpt_path}")
+        if not self.loggers:
+            self._prepare_run_dir(resuming=True)
+            self._start_loggers()
         try:
             return self.evaluate(split)
         finally:
@@ -853,6 +958,8 @@ class Trainer:
         for lg in self.loggers:
             lg.close()
         self.loggers = []
+        if self.lock is not None:
+            self.lock.release()
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -863,6 +970,11 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     """Checkpointed accumulators back on the device (lists stay lists: tuples are saved as lists)."""
     out = map_tensors(obj, lambda t: t.to(device))
     out["pending"] = [tuple(p) for p in out["pending"]]
+    if "sums" in out:  # written by trainlib <= 0.1.0: sums by position, one skip count
+        sums = out.pop("sums")
+        out.update(epoch_loss=sums[0], epoch_weight=sums[1], loss=sums[2], weight=sums[3])
+        skipped = out.pop("skipped", None)
+        out["skips"] = [skipped] if skipped is not None and float(skipped) > 0 else []
     return out
 
 

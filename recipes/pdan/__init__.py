@@ -31,7 +31,8 @@ __all__ = ["recipe", "PDAN", "PDANConfig", "PDANData", "FrameMAP", "DAL", "DataE
 def build_model(cfg: Any) -> PDAN:
     m = cfg.model
     return PDAN(num_stages=m.num_stages, num_layers=m.num_layers, num_channels=m.num_channels,
-                input_channels=resolved_input_channels(cfg), num_classes=m.num_classes, dropout=m.dropout)
+                input_channels=resolved_input_channels(cfg), num_classes=m.num_classes, dropout=m.dropout,
+                mask_input=m.mask_input)
 
 
 def forward(model: Any, batch: dict) -> torch.Tensor:

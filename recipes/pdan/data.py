@@ -8,8 +8,14 @@ Layout (what pytorch-i3d's extract_features.py and PDAN's data/charades.json giv
 
 Frame labels follow PDAN: fps = T / duration and frame f is positive for class c when
 start < f / fps < end (strict). The 25-point variant follows the official Charades_v1_localize
-evaluation: t_j = j * duration / 25 (j = 0..24), class active when start <= t_j <= end, scored at
-feature index floor(j * T / 25).
+evaluation: t_j = (j / 25) * duration (j = 0..24), class active when start <= t_j <= end, scored at
+feature index floor(j * T / 25). t_j is computed in that order, in float64, as the official code does:
+j * duration / 25 rounds differently when t_j lands on an action boundary (10 of the 46,575 points of
+the Charades test set change label).
+
+Videos whose "subset" is "training" or "testing" are used. Another subset value (e.g. a split PDAN
+does not use) is skipped with one summary warning; an entry with no "subset" key, or an action that
+ends before it starts, is a DataError.
 
 Every file is checked up front (array headers only), so bad input fails once, with a message
 naming the file or key and what was expected.
@@ -37,14 +43,14 @@ AUTO_BUCKET_MIN = 64  # trainer.cuda_graphs with no data.length_buckets: pad to 
 
 @dataclass
 class PDANData(DataConfig):
-    batch_size: int = opt(8, "batch size per process")
+    batch_size: int = opt(8, "batch size per process", ge=1)
     annotations: str = opt("", "charades.json path; empty: <root>/charades.json")
     mode: Literal["rgb", "flow", "skeleton"] = opt("rgb", "feature type (sets the input size when model.input_channels=-1)")
     skip_missing: bool = opt(False, "skip videos whose .npy is missing (as the original loader does) instead of failing")
     length_buckets: list[int] = opt([], "pad each batch's time axis up to the smallest of these frame counts that fits its "
                                         "longest video (static shapes for trainer.cuda_graphs / trainer.compile: one graph "
                                         "per bucket); a longer batch is padded to a multiple of the largest; empty: powers "
-                                        "of two from 64 when trainer.cuda_graphs=true, else the batch's longest video")
+                                        "of two from 64 when trainer.cuda_graphs=true, else the batch's longest video", ge=1)
 
 
 def resolved_input_channels(cfg: Any) -> int:
@@ -75,7 +81,7 @@ def loc25_points(num_frames: int, duration: float, actions: list,
     """Charades_v1_localize rule: (feature index [25] int64, labels [25, K] float32)."""
     j = np.arange(NUM_LOC_POINTS)
     index = (j * num_frames) // NUM_LOC_POINTS
-    times = j * duration / NUM_LOC_POINTS
+    times = (j / NUM_LOC_POINTS) * float(duration)  # the official order; j * duration / 25 rounds differently
     labels = np.zeros((NUM_LOC_POINTS, num_classes), np.float32)
     for c, start, end in actions:
         labels[(times >= start) & (times <= end), int(c)] = 1.0
@@ -152,6 +158,42 @@ def _check_entry(vid: str, entry: Any, num_classes: int, ann_path: str) -> None:
         if c >= num_classes:
             raise DataError(f"{key}: class index {int(c)} >= model.num_classes={num_classes} "
                             f"(set model.num_classes to at least {int(c) + 1})")
+        if act[2] < act[1]:
+            raise DataError(f"{key} = {list(act)!r}: ends at {act[2]!r} s before it starts at {act[1]!r} s "
+                            f"(expected [class, start_s, end_s] with start_s <= end_s)")
+
+
+def check_subsets(db: dict, ann_path: str) -> dict[str, int]:
+    """Every entry must be a mapping with a string "subset"; returns {subset: count} of the
+    entries whose subset is neither "training" nor "testing" (not used by PDAN, skipped).
+
+    A missing "subset" used to drop the video silently; it is an error naming the file and video."""
+    used = set(SUBSETS.values())
+    unused: dict[str, int] = {}
+    for vid, entry in db.items():
+        where = f"{ann_path}: video '{vid}'"
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: expected a mapping with keys subset, duration, actions, "
+                            f"got {type(entry).__name__}")
+        if "subset" not in entry:
+            raise DataError(f"{where}: missing key 'subset' (expected \"training\" or \"testing\")")
+        sub = entry["subset"]
+        if not isinstance(sub, str):
+            raise DataError(f"{where} key 'subset': expected \"training\" or \"testing\", got {sub!r}")
+        if sub not in used:
+            unused[sub] = unused.get(sub, 0) + 1
+    return unused
+
+
+def warn_unused_subsets(unused: dict[str, int], ann_path: str) -> None:
+    """One warning line for all the videos skipped because of their subset."""
+    if not unused:
+        return
+    counts = sorted(unused.items(), key=lambda kv: (-kv[1], kv[0]))
+    listed = ", ".join(f"{n} '{sub}'" for sub, n in counts[:_MAX_LISTED])
+    more = f" and {len(counts) - _MAX_LISTED} more subsets" if len(counts) > _MAX_LISTED else ""
+    warnings.warn(f"{ann_path}: skipping {sum(unused.values())} videos whose subset is neither 'training' "
+                  f"nor 'testing' (not used by PDAN): {listed}{more}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,9 +218,10 @@ class CharadesFeatures(torch.utils.data.Dataset):
             ann_path = ann_path or "<annotations>"
         self.ann_path = ann_path
 
-        vids = [v for v, e in db.items() if isinstance(e, dict) and e.get("subset") == subset]
+        check_subsets(db, ann_path)  # every entry a mapping with a string subset
+        vids = [v for v, e in db.items() if e["subset"] == subset]
         if not vids:
-            found = sorted({str(e.get("subset")) for e in db.values() if isinstance(e, dict)})
+            found = sorted({e["subset"] for e in db.values()})
             raise DataError(f"split '{subset}' is empty: no video in {ann_path} has \"subset\": \"{subset}\" "
                             f"(subsets found: {', '.join(found) or 'none'})")
         for v in vids:
@@ -339,6 +382,7 @@ def build_datasets(cfg: Any) -> dict:
         raise DataError(f"data.root folder not found: {root}")
     ann = annotation_path(cfg)
     db = load_annotations(ann)
+    warn_unused_subsets(check_subsets(db, ann), ann)  # once for both splits
     kw = dict(num_classes=cfg.model.num_classes, input_channels=resolved_input_channels(cfg),
               skip_missing=cfg.data.skip_missing, ann_path=ann)
     train = CharadesFeatures(root, db, SUBSETS["train"], **kw)

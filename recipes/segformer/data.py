@@ -42,7 +42,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from trainlib.data import load_json
-from trainlib.config import ConfigError, DataConfig, DataError, opt
+from trainlib.config import ConfigError, DataConfig, DataError, opt, rule
 
 IGNORE_INDEX = 255
 MEAN = (0.485, 0.456, 0.406)      # ImageNet, as SegformerImageProcessor
@@ -58,18 +58,20 @@ _MAX_LISTED = 5
 
 @dataclass
 class SegFormerData(DataConfig):
-    batch_size: int = opt(2, "batch size per process (the blog: 2)")
+    batch_size: int = opt(2, "batch size per process (the blog: 2)", ge=1)
     metadata: str = opt("", "metadata.json path; empty: <root>/processed_dataset/metadata.json, "
                             "<root>/metadata.json, else plain <root>/images + <root>/masks folders")
-    image_size: int = opt(512, "training crops and validation images are image_size x image_size")
-    val_fraction: float = opt(0.2, "plain images/ + masks/ folders: fraction held out for validation (fixed shuffle)")
+    image_size: int = opt(512, "training crops and validation images are image_size x image_size", ge=32)
+    val_fraction: float = opt(0.2, "plain images/ + masks/ folders: fraction held out for validation (fixed shuffle)", gt=0, lt=1)
     reduce_labels: bool = opt(False, "mask value 0 -> 255 (ignored), others v -> v - 1 (as HF reduce_labels)")
-    min_scale: float = opt(0.5, "random resize-and-crop: smallest crop, as a fraction of the image area")
-    hflip: float = opt(0.5, "probability of a horizontal flip (training)")
+    min_scale: float = opt(0.5, "random resize-and-crop: smallest crop, as a fraction of the image area", gt=0, le=1)
+    hflip: float = opt(0.5, "probability of a horizontal flip (training)", ge=0, le=1)
     color_jitter: list[float] = opt([0.25, 0.25, 0.25, 0.1], "brightness, contrast, saturation, hue jitter "
-                                                               "on the training image (empty: off)")
+                                                               "on the training image (empty: off)", ge=0,
+                                   check=rule("empty or 4 values (brightness, contrast, saturation, hue), hue <= 0.5",
+                                              lambda v: not v or (len(v) == 4 and v[3] <= 0.5)))
     eval_ignore_labels: list[int] = opt([], "classes whose pixels the metric skips, besides 255 (the blog's "
-                                            "evaluation skips 0 'unlabeled': [0])")
+                                            "evaluation skips 0 'unlabeled': [0])", ge=0, le=255)
     check_masks: bool = opt(True, "read every mask before training to check its values (false: only sizes)")
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainlib.config import ConfigError, opt
+from trainlib.config import ConfigError, opt, rule
 
 # MiT variants (the reference convert script): hidden sizes, depths, decoder width.
 VARIANTS: dict[str, dict] = {
@@ -36,20 +36,21 @@ VARIANTS: dict[str, dict] = {
 # The same for every variant.
 FIXED = {"num_attention_heads": [1, 2, 5, 8], "sr_ratios": [8, 4, 2, 1], "patch_sizes": [7, 3, 3, 3],
          "strides": [4, 2, 2, 2], "mlp_ratios": [4, 4, 4, 4], "num_channels": 3}
+PER_STAGE = rule("empty or 4 values, one per stage", lambda v: len(v) in (0, 4))
 
 
 @dataclass
 class SegFormerConfig:
     variant: Literal["b0", "b1", "b2", "b3", "b4", "b5"] = opt("b0", "MiT encoder size (nvidia/mit-b0 .. mit-b5)")
-    num_labels: int = opt(35, "number of classes (35 for segments/sidewalk-semantic)")
-    drop_path_rate: float = opt(0.1, "stochastic depth, linearly spaced from 0 over all encoder blocks")
-    classifier_dropout: float = opt(0.1, "dropout before the decode head's classifier")
+    num_labels: int = opt(35, "number of classes (35 for segments/sidewalk-semantic)", ge=1)
+    drop_path_rate: float = opt(0.1, "stochastic depth, linearly spaced from 0 over all encoder blocks", ge=0, lt=1)
+    classifier_dropout: float = opt(0.1, "dropout before the decode head's classifier", ge=0, lt=1)
     pretrained: str = opt("", "local folder in the Hugging Face layout (config.json + model.safetensors): "
                               "nvidia/mit-b* encoder, or a full SegformerForSemanticSegmentation")
-    hidden_sizes: list[int] = opt([], "channels of the 4 stages (empty: from model.variant)")
-    depths: list[int] = opt([], "blocks per stage (empty: from model.variant)")
-    num_attention_heads: list[int] = opt([], "heads per stage (empty: [1, 2, 5, 8])")
-    decoder_hidden_size: int = opt(0, "decode head width (0: from model.variant, 256 for b0/b1, 768 for b2-b5)")
+    hidden_sizes: list[int] = opt([], "channels of the 4 stages (empty: from model.variant)", ge=1, check=PER_STAGE)
+    depths: list[int] = opt([], "blocks per stage (empty: from model.variant)", ge=1, check=PER_STAGE)
+    num_attention_heads: list[int] = opt([], "heads per stage (empty: [1, 2, 5, 8])", ge=1, check=PER_STAGE)
+    decoder_hidden_size: int = opt(0, "decode head width (0: from model.variant, 256 for b0/b1, 768 for b2-b5)", ge=0)
 
 
 def architecture(cfg: SegFormerConfig) -> dict:
