@@ -3,8 +3,10 @@
     python -m launch.hyperopt recipe=pdan hpo.n_trials=20
     torchrun --nproc_per_node=4 -m launch.hyperopt recipe=pdan hpo.n_trials=20 hpo.storage=sqlite:///pdan.db
     python -m launch.hyperopt recipe=pdan --skip-hyperopt --hyperparams-file runs/pdan_hpo/best_hyperparams.json
+    python -m launch.hyperopt recipe=mypkg.myrecipe hpo.n_trials=20         # a recipe package of your own
 
-Everything lives in trainlib/hpo.py; see docs/hyperopt.md and `python -m launch.hyperopt --help`.
+`recipe=` is resolved by trainlib.recipe.find_recipe: a name registered in the `trainlib.recipes`
+entry-point group, or a module path. Everything lives in trainlib/hpo.py; see docs/hyperopt.md and `python -m launch.hyperopt --help`.
 """
 import sys
 

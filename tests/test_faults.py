@@ -205,12 +205,12 @@ def test_a_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
     t = Trainer(nn.Linear(2, 1), mse, config=TrainerConfig(out_dir=str(tmp_path)))
     with torch.no_grad():
         t.model.weight[0, 0] = float("inf")
-    t.run_dir = tmp_path
+    t.state.run_dir = tmp_path
     assert t.save_checkpoint(tmp_path / "x.ckpt") is False
     assert not (tmp_path / "x.ckpt").exists()
     # the checkpoint callback acts on the declined save: no top-k entry, no best.ckpt link to a missing file
     (tmp_path / "checkpoints").mkdir()
     cb = ModelCheckpoint("val/loss", "min")
-    t.epoch, t.global_step = 0, 1
-    cb.on_validation_end(t, {"val/loss": 0.5})
+    t.state.global_step = 1
+    cb.on_validation_end(t.state, {"val/loss": 0.5})
     assert cb.top_k == [] and cb.best is None and not list((tmp_path / "checkpoints").iterdir())

@@ -98,7 +98,7 @@ def test_graphs_with_a_shorter_last_batch_and_accumulation(tmp_path):
 
 class _SyncCheck(Callback):
     """torch.cuda.set_sync_debug_mode('error') from the end of one step until the next logging step
-    begins (the loop's `_fold`), so any host sync inside a non-logging step raises."""
+    begins (the loop's `stats.fold`), so any host sync inside a non-logging step raises."""
 
     def __init__(self):
         self.checked = 0
@@ -137,13 +137,13 @@ def test_no_host_sync_in_non_logging_steps(tmp_path, graphs, monkeypatch):
         t = Trainer(_mlp(), masked_mse, _Data(), config=cfg, optim=OptimConfig(name="adamw", lr=1e-3, scheduler="cosine"),
                     data=DataConfig(batch_size=32), log_config=LogConfig(loggers=["jsonl"], every_n_steps=4),
                     forward_fn=toy_forward, callbacks=[check])
-        fold = t._fold
+        fold = t.stats.fold
 
         def fold_unchecked():
             torch.cuda.set_sync_debug_mode(0)  # logging step: its syncs are the allowed ones
             fold()
 
-        t._fold = fold_unchecked
+        t.stats.fold = fold_unchecked
         t.fit()
     finally:
         torch.cuda.set_sync_debug_mode(0)

@@ -40,7 +40,7 @@ class _SyncSpy(TorchFunctionMode):
 
 
 class _Arm(Callback):
-    """Arms the spy after each non-final step of an epoch; the logging step's first act (_fold) disarms it."""
+    """Arms the spy after each non-final step of an epoch; the logging step's first act (stats.fold) disarms it."""
 
     def __init__(self, spy: _SyncSpy) -> None:
         self.spy = spy
@@ -59,13 +59,13 @@ def test_no_host_sync_outside_logging_steps(tmp_path, extra, graphed, monkeypatc
     if graphed:  # the graph path's own bookkeeping (copy-in, replay, unpacking) with the torch.cuda stand-in
         fake = FakeCUDA(t)
         fake.install(monkeypatch.setattr)
-    fold = t._fold
+    fold = t.stats.fold
 
     def fold_and_disarm():
         spy.armed = False  # logging step: syncs allowed from here
         fold()
 
-    t._fold = fold_and_disarm
+    t.stats.fold = fold_and_disarm
     with spy:
         t.fit()
     assert t.global_step >= 10

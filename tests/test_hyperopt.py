@@ -59,7 +59,7 @@ class Saboteur(Callback):
             raise RuntimeError("simulated out of memory on every rank")
 
     def on_train_step_end(self, trainer) -> None:
-        if self.mode == "rank1" and trainer.env.rank == 1 and trainer.global_step == 2:
+        if self.mode == "rank1" and trainer.rank == 1 and trainer.global_step == 2:
             raise RuntimeError("simulated failure on rank 1 only")
 
 
@@ -247,7 +247,7 @@ def test_bad_input_is_one_clear_error_before_anything_runs(tmp_path, capsys):
     assert main(base) == 2
     assert "name the recipe to tune: recipe=NAME (available: pdan" in capsys.readouterr().err
     assert main(["recipe=nosuch", *base]) == 2
-    assert "no module recipes.nosuch" in capsys.readouterr().err
+    assert "unknown recipe 'nosuch': neither a registered name (registered: pdan" in capsys.readouterr().err
     assert main(["recipe=pdan", "hpo.n_trial=3", *base]) == 2
     assert "did you mean 'hpo.n_trials'" in capsys.readouterr().err
     assert main(["recipe=pdan", "hpo.space={optim.lrr: {type: float, low: 1, high: 2}}", *base]) == 2

@@ -162,7 +162,7 @@ if __name__ == "__main__":
         --toy-die_once=1: instead it dies (os._exit) the first time, leaving a marker file."""
 
         def on_train_step_end(self, t):
-            if t.global_step != int(flags.get("fail_step", -1)) or t.env.rank != int(flags.get("fail_rank", 0)):
+            if t.global_step != int(flags.get("fail_step", -1)) or t.rank != int(flags.get("fail_rank", 0)):
                 return
             if flags.get("die_once"):
                 marker = out / "died_once"
@@ -171,7 +171,7 @@ if __name__ == "__main__":
                     marker.write_text("x")
                     os._exit(3)
                 return
-            raise RuntimeError(f"injected failure on rank {t.env.rank} at step {t.global_step}")
+            raise RuntimeError(f"injected failure on rank {t.rank} at step {t.global_step}")
 
     trainer.callbacks += [Record(), Fault()]
     if flags.get("lr_tensor") or flags.get("fake_graphs"):  # see tests/fake_cuda.py
@@ -185,8 +185,8 @@ if __name__ == "__main__":
             class Report(Callback):
                 def on_fit_end(self, t):
                     out.mkdir(parents=True, exist_ok=True)
-                    (out / f"graphs_rank{t.env.rank}.json").write_text(json.dumps(
-                        {"graphs": len(t.graphs.graphs), "captures": fake.captures, "replays": fake.replays}))
+                    (out / f"graphs_rank{t.rank}.json").write_text(json.dumps(
+                        {"graphs": len(trainer.graphs.graphs), "captures": fake.captures, "replays": fake.replays}))
 
             trainer.callbacks.append(Report())
 

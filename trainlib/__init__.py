@@ -1,12 +1,13 @@
 """trainlib: a small, fast, raw-PyTorch distributed training library."""
-__version__ = "0.1.0"
-
-from .config import Config, ConfigError, DataConfig, LogConfig, OptimConfig, TrainerConfig  # noqa: E402
-from .metrics import Metric  # noqa: E402
-from .trainer import Trainer  # noqa: E402
-from .callbacks import Callback  # noqa: E402
-from .inference import load_model  # noqa: E402
-from .preemption import Preempted  # noqa: E402
+from .version import __version__
+from .config import Config, ConfigError, DataConfig, LogConfig, OptimConfig, TrainerConfig
+from .metrics import Metric
+from .trainer import Trainer
+from .callbacks import Callback
+from .inference import load_model
+from .preemption import Preempted
+from .recipe import Recipe, available_recipes, find_recipe
 
 __all__ = ["Trainer", "TrainerConfig", "OptimConfig", "DataConfig", "LogConfig", "Config", "ConfigError",
-           "Metric", "Callback", "load_model", "Preempted", "__version__"]
+           "Metric", "Callback", "load_model", "Preempted", "Recipe", "find_recipe", "available_recipes",
+           "__version__"]

@@ -1,28 +1,9 @@
 """Callbacks: checkpointing, early stopping, LR monitor, history.
 
-Where each event fires, as the loop reads (trainer.py `fit`):
-
-    setup: process group, seeds, model -> device -> sync BN -> compile -> DDP, optimizer,
-           schedule, scaler, loaders; restore a checkpoint (resume)
-    on_fit_start(trainer)
-    for epoch in epochs:
-        sampler.set_epoch(epoch)                       # always, on every rank
-        on_train_epoch_start(trainer)
-        for each window of accumulate_grad_batches micro-batches:
-            forward/backward (DDP sync only on the last micro-batch)
-            normalise -> unscale -> clip -> optimizer step -> schedule step -> zero_grad
-            if logging step:                           # the only host syncs in the loop
-                on_train_log(trainer, row)             # row = {"step","epoch","split":"train",...}
-            on_train_step_end(trainer)
-        if validation epoch:
-            metrics = evaluate(val)                    # reduced across ranks: same on every rank
-            on_validation_end(trainer, metrics)
-        on_train_epoch_end(trainer)
-        if trainer.should_stop: break                  # decided from reduced values: same on every rank
-    on_fit_end(trainer)
-
-A callback may keep state across a resume through `state_dict` / `load_state_dict`; those are
-stored in every checkpoint under the callback's `key`.
+A callback receives a `TrainState` (state.py: where the loop is, the model, `request_stop`,
+`save_checkpoint`), never the Trainer. Where each event fires is the loop's pseudo-code in the
+docstring of trainer.py. A callback may keep state across a resume through `state_dict` /
+`load_state_dict`; those are stored in every checkpoint under the callback's `key`.
 """
 from __future__ import annotations
 
@@ -31,24 +12,22 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .checkpoint import atomic_write_bytes, fsync_dir
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from .state import TrainState
 
 
 class Callback:
     key: str = ""
 
-    def on_fit_start(self, trainer: "Trainer") -> None: ...
-    def on_train_epoch_start(self, trainer: "Trainer") -> None: ...
-    def on_train_log(self, trainer: "Trainer", row: dict) -> None: ...
-    def on_train_step_end(self, trainer: "Trainer") -> None: ...
-    def on_validation_end(self, trainer: "Trainer", metrics: dict) -> None: ...
-    def on_train_epoch_end(self, trainer: "Trainer") -> None: ...
-    def on_fit_end(self, trainer: "Trainer") -> None: ...
+    def on_fit_start(self, state: TrainState) -> None: ...
+    def on_train_epoch_start(self, state: TrainState) -> None: ...
+    def on_train_log(self, state: TrainState, row: dict) -> None: ...
+    def on_train_step_end(self, state: TrainState) -> None: ...
+    def on_validation_end(self, state: TrainState, metrics: dict) -> None: ...
+    def on_train_epoch_end(self, state: TrainState) -> None: ...
+    def on_fit_end(self, state: TrainState) -> None: ...
 
     def state_dict(self) -> dict:
         return {}
@@ -78,18 +57,18 @@ class ModelCheckpoint(Callback):
         self.best: float | None = None
         self.recent: list[str] = []  # keep_last_k: step checkpoints on disk, oldest first
 
-    def _dir(self, trainer: "Trainer") -> Path:
-        return trainer.run_dir / "checkpoints"
+    def _dir(self, state: TrainState) -> Path:
+        return state.run_dir / "checkpoints"
 
-    def on_train_step_end(self, trainer: "Trainer") -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not trainer.epoch_done:
-            self._save_periodic(trainer, write_last=True)
+    def on_train_step_end(self, state: TrainState) -> None:
+        if self.every_n_steps and state.global_step % self.every_n_steps == 0 and not state.epoch_done:
+            self._save_periodic(state, write_last=True)
 
-    def _save_periodic(self, trainer: "Trainer", write_last: bool, epoch_done: bool | None = None) -> None:
+    def _save_periodic(self, state: TrainState, write_last: bool, epoch_done: bool | None = None) -> None:
         """last.ckpt (when asked) and, with keep_last_k, step=<N>.ckpt: a hard link to the same
         bytes, or the file itself when last.ckpt is off. The oldest step files beyond k are deleted
         only once the new one is on disk; last.ckpt is never one of them."""
-        folder, name = self._dir(trainer), f"step={trainer.global_step:08d}.ckpt"
+        folder, name = self._dir(state), f"step={state.global_step:08d}.ckpt"
         before, evicted = list(self.recent), []
         if self.keep_last_k:
             self.recent = [n for n in self.recent if n != name] + [name]  # saved with the list that names it
@@ -98,16 +77,16 @@ class ModelCheckpoint(Callback):
         elif not write_last:
             return
         target = folder / ("last.ckpt" if write_last else name)
-        if not trainer.save_checkpoint(target, epoch_done=epoch_done):
+        if not state.save_checkpoint(target, epoch_done=epoch_done):
             self.recent = before  # nothing written: keep the files we have
             return
-        if self.keep_last_k and trainer.is_main:
+        if self.keep_last_k and state.is_main:
             if write_last:
                 _replace_with_link(target, folder / name)
             for old in evicted:
                 (folder / old).unlink(missing_ok=True)
 
-    def on_validation_end(self, trainer: "Trainer", metrics: dict) -> None:
+    def on_validation_end(self, state: TrainState, metrics: dict) -> None:
         value = metrics.get(self.monitor)
         if value is None or not math.isfinite(value) or self.save_top_k == 0:
             return
@@ -116,24 +95,24 @@ class ModelCheckpoint(Callback):
         if (value, "") not in ranked[:keep]:
             return
         tag = re.sub(r"[^A-Za-z0-9_.-]", "_", self.monitor)
-        name = f"epoch={trainer.epoch:03d}-step={trainer.global_step}-{tag}={value:.4f}.ckpt"
-        folder = self._dir(trainer)
+        name = f"epoch={state.epoch:03d}-step={state.global_step}-{tag}={value:.4f}.ckpt"
+        folder = self._dir(state)
         # The epoch is not finished yet: a resume from this file continues with the next epoch.
-        if not trainer.save_checkpoint(folder / name, epoch_done=True):
+        if not state.save_checkpoint(folder / name, epoch_done=True):
             return  # declined (non-finite weights): no file, so no best.ckpt link and no top-k entry
         new_best = improved(value, self.best, self.mode)
         if new_best:
             self.best = value
-            if trainer.is_main:
+            if state.is_main:
                 _replace_with_link(folder / name, folder / "best.ckpt")
         self.top_k = sorted(self.top_k + [(value, name)], key=lambda t: t[0], reverse=self.mode == "max")
         evicted, self.top_k = self.top_k[keep:], self.top_k[:keep]
-        if trainer.is_main:  # only after the new file is safely on disk
+        if state.is_main:  # only after the new file is safely on disk
             for _, old in evicted:
                 (folder / old).unlink(missing_ok=True)
 
-    def on_train_epoch_end(self, trainer: "Trainer") -> None:
-        self._save_periodic(trainer, write_last=self.save_last, epoch_done=True)
+    def on_train_epoch_end(self, state: TrainState) -> None:
+        self._save_periodic(state, write_last=self.save_last, epoch_done=True)
 
     def state_dict(self) -> dict:
         return {"top_k": [list(t) for t in self.top_k], "best": self.best, "recent": list(self.recent)}
@@ -168,20 +147,20 @@ class EarlyStopping(Callback):
         self.best: float | None = None
         self.wait = 0
 
-    def on_validation_end(self, trainer: "Trainer", metrics: dict) -> None:
+    def on_validation_end(self, state: TrainState, metrics: dict) -> None:
         value = metrics.get(self.monitor)
         if value is None:
             return
         if not math.isfinite(value):
             if self.check_finite:
-                trainer.request_stop(f"early stopping: {self.monitor} is {value}")
+                state.request_stop(f"early stopping: {self.monitor} is {value}")
             return
         if improved(value, self.best, self.mode, self.min_delta):
             self.best, self.wait = value, 0
             return
         self.wait += 1
         if self.patience > 0 and self.wait >= self.patience:
-            trainer.request_stop(f"early stopping: {self.monitor} did not improve for {self.wait} validations "
+            state.request_stop(f"early stopping: {self.monitor} did not improve for {self.wait} validations "
                                  f"(best {self.best:.6g})")
 
     def state_dict(self) -> dict:
@@ -194,8 +173,8 @@ class EarlyStopping(Callback):
 class LRMonitor(Callback):
     """Adds the learning rate of every parameter group to the training log rows."""
 
-    def on_train_log(self, trainer: "Trainer", row: dict) -> None:
-        lrs = trainer.schedule.lrs
+    def on_train_log(self, state: TrainState, row: dict) -> None:
+        lrs = state.lrs
         row["lr"] = lrs[0]
         for i, lr in enumerate(lrs[1:], start=1):
             row[f"lr_{i}"] = lr
@@ -211,20 +190,20 @@ class History(Callback):
         self._val: dict = {}
         self._t0 = time.time()
 
-    def on_train_epoch_start(self, trainer: "Trainer") -> None:
+    def on_train_epoch_start(self, state: TrainState) -> None:
         self._val, self._t0 = {}, time.time()
 
-    def on_validation_end(self, trainer: "Trainer", metrics: dict) -> None:
+    def on_validation_end(self, state: TrainState, metrics: dict) -> None:
         self._val = dict(metrics)
 
-    def on_train_epoch_end(self, trainer: "Trainer") -> None:
-        row = {"epoch": trainer.epoch, "step": trainer.global_step, **trainer.epoch_train_metrics, **self._val,
-               "lr": trainer.schedule.lrs[0], "seconds": round(time.time() - self._t0, 3)}
+    def on_train_epoch_end(self, state: TrainState) -> None:
+        row = {"epoch": state.epoch, "step": state.global_step, **state.train_metrics, **self._val,
+               "lr": state.lrs[0], "seconds": round(time.time() - self._t0, 3)}
         self.rows.append({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in row.items()})
-        if trainer.is_main:
+        if state.is_main:
             import json
 
-            atomic_write_bytes(trainer.run_dir / "history.json", json.dumps(self.rows, indent=1).encode())
+            atomic_write_bytes(state.run_dir / "history.json", json.dumps(self.rows, indent=1).encode())
 
     def state_dict(self) -> dict:
         import json
@@ -235,3 +214,16 @@ class History(Callback):
         import json
 
         self.rows = json.loads(state["rows"])
+
+
+def default_callbacks(tc: Any, given: list[Callback], checkpoints: bool) -> list[Callback]:
+    """`given` after what every run has: the LR in the log rows, history.json, early stopping (also
+    on a non-finite monitored metric) and, unless a dry run, checkpoints. A given callback of one
+    of these types replaces the built-in one."""
+    out: list[Callback] = [LRMonitor(), History(), EarlyStopping(tc.monitor, tc.mode, tc.early_stop_patience,
+                                                                 tc.early_stop_min_delta, check_finite=True)]
+    if checkpoints:
+        out.append(ModelCheckpoint(tc.monitor, tc.mode, tc.save_top_k, tc.save_last, tc.ckpt_every_n_steps,
+                                   tc.keep_last_k))
+    have = {type(cb) for cb in given}
+    return [cb for cb in out if type(cb) not in have] + list(given)

@@ -138,6 +138,26 @@ def validate(cfg: Any) -> None:
     group, a dataset or a model exists). ConfigError naming the key, the value and the range."""
     for key, (owner, f, _tp) in leaves(cfg).items():
         _check(key, owner, f)
+    trainer, optim = getattr(cfg, "trainer", None), getattr(cfg, "optim", None)
+    if isinstance(trainer, TrainerConfig) and isinstance(optim, OptimConfig):
+        problem = combination_problem(trainer, optim)
+        if problem:
+            raise ConfigError(problem)
+
+
+def combination_problem(t: "TrainerConfig", o: "OptimConfig") -> str:
+    """Rules that tie keys together (each key alone is in range): '' or what is wrong."""
+    mode = "default" if t.compile is True else (t.compile or "")
+    if t.cuda_graphs and mode in ("reduce-overhead", "max-autotune"):
+        return (f"trainer.compile={mode} already replays CUDA graphs of the compiled regions; with "
+                "trainer.cuda_graphs=true use trainer.compile=true or max-autotune-no-cudagraphs (the whole step "
+                "is captured)")
+    if o.scheduler in ("cosine", "onecycle") and t.max_epochs == 0 and t.max_steps <= 0:
+        return (f"optim.scheduler={o.scheduler} needs a known run length: trainer.max_epochs or trainer.max_steps "
+                "must be > 0")
+    if t.test_only and not t.ckpt_path:
+        return "trainer.test_only=true needs trainer.ckpt_path=<checkpoint to evaluate>"
+    return ""
 
 
 def check_key(cfg: Any, key: str, source: str = "") -> None:

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
 
+from .config import ConfigError
+
 
 class ShardSampler(Sampler[int]):
     """Rank `rank` of `world` takes every world-th index of a (shuffled) permutation.
@@ -439,3 +441,64 @@ class DevicePrefetcher:
                 map_tensors(cur, lambda t: t.record_stream(torch.cuda.current_stream(self.device)) or t)
             nxt = self._load(it)
             yield cur
+
+
+def limit_batches(n: int, limit: int | float) -> int:
+    """trainer.limit_*_batches (checked when the config was built): an int is a count, a float a
+    fraction of n (at least one batch when it is > 0)."""
+    if isinstance(limit, float):
+        return min(n, max(1, int(n * limit)) if limit > 0 and n > 0 else 0)
+    return min(n, limit)
+
+
+def build_loaders(datasets: dict[str, Any], data: Any, *, seed: int, accumulate: int, rank: int, world: int,
+                  device: torch.device, collate_fn: Callable | None, graphs_on: bool,
+                  notes: list[str]) -> tuple[dict[str, Any], ShardSampler | None]:
+    """-> ({split: loader}, the train sampler). Training shuffles by (seed, epoch) and pads every
+    rank to the same count; val/test are scored exactly once. `data.group_by_shape` draws each
+    optimizer step's batches from one shape group (auto: with CUDA graphs and a dataset that has
+    shape_keys())."""
+    loaders: dict[str, Any] = {}
+
+    def loader(ds: Any, batch_size: int, sampler: ShardSampler, drop_last: bool, seeded: bool = False) -> Any:
+        if data.device_resident:
+            same = next((ld for ld in loaders.values() if isinstance(ld, DeviceLoader) and ld.dataset is ds), None)
+            return DeviceLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, device=device,
+                                drop_last=drop_last, seeded=seeded, share=same)
+        return build_loader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+                            num_workers=data.num_workers, pin_memory=data.pin_memory and device.type == "cuda",
+                            drop_last=drop_last, seeded=seeded)
+
+    train_sampler = None
+    train = datasets.get("train")
+    if train is not None:
+        setting = data.group_by_shape
+        keys = shape_keys(train) if setting else None
+        if setting == "auto":
+            setting = graphs_on and keys is not None
+        if not setting:
+            keys = None
+        elif keys is None:
+            raise ConfigError(f"data.group_by_shape=true: the train dataset ({type(train).__name__}) has no "
+                              "shape_keys() method saying which samples collate to the same shape")
+        elif len(keys) != len(train):
+            raise ConfigError(f"data.group_by_shape: {type(train).__name__}.shape_keys() gave {len(keys)} keys "
+                              f"for {len(train)} samples (expected one per sample)")
+        else:
+            notes.append(f"data.group_by_shape: each optimizer step draws its batches from one of "
+                         f"{len(set(keys))} shape groups")
+        train_sampler = ShardSampler(len(train), rank, world, shuffle=True, seed=seed, pad=True,
+                                     drop_last=data.drop_last, groups=keys,
+                                     group_size=data.batch_size * world * accumulate)
+        loaders["train"] = loader(train, data.batch_size, train_sampler, data.drop_last, seeded=True)
+        if len(loaders["train"]) == 0:
+            raise ConfigError(f"the train split has {len(train)} samples: not enough for one batch of "
+                              f"data.batch_size={data.batch_size} on {world} process(es)")
+    for split in ("val", "test"):
+        ds = datasets.get(split)
+        if ds is not None:
+            if len(ds) == 0:
+                raise ConfigError(f"the {split} split is empty")
+            sampler = ShardSampler(len(ds), rank, world, shuffle=False, pad=False)
+            loaders[split] = loader(ds, data.val_batch_size or data.batch_size, sampler, False)
+    return loaders, train_sampler

@@ -28,14 +28,11 @@ from __future__ import annotations
 import copy
 import datetime
 import gc
-import importlib
 import json
 import math
 import os
-import pkgutil
 import shutil
 import sys
-import tempfile
 import time
 import traceback
 import weakref
@@ -46,7 +43,6 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as torch_dist
-import yaml
 
 from . import dist
 from .callbacks import Callback
@@ -54,7 +50,8 @@ from .checkpoint import atomic_write_bytes
 from .config import (ConfigError, UserError, apply_dict, check_key, help_text, opt, read_yaml, resolve_key, rule,
                      set_value, validate)
 from .preemption import Preempted
-from .recipe import ENGINE_ALIASES, Recipe, _peer_failure, build_config, guarded, parse_cli, run
+from .recipe import (ENGINE_ALIASES, Recipe, _is_recipe, _peer_failure, available_recipes, find_recipe, guarded,
+                     make_config, parse_cli, recipe_ref, run)
 
 # ------------------------------------------------------------------------------------------------
 # Configuration: the `hpo` section
@@ -109,8 +106,9 @@ USAGE = """usage: python -m launch.hyperopt recipe=NAME [--config FILE.yaml] [hp
 
 An Optuna study over a recipe: every trial trains with sampled values applied as config overrides,
 best_hyperparams.json keeps the best, then the final model is trained with them (docs/hyperopt.md).
-`recipe=NAME` picks recipes.NAME (or a module path); other arguments are the recipe's overrides, as
-for `python -m recipes.NAME`. The `hpo` section may also come from the YAML file."""
+`recipe=NAME` picks a registered recipe (entry-point group trainlib.recipes) or a module path
+(mypkg.myrecipe, whose `recipe` is a Recipe, or mypkg.mod:attr); other arguments are the recipe's
+overrides, as for `python -m recipes.NAME`. The `hpo` section may also come from the YAML file."""
 
 
 class StudyError(ConfigError):
@@ -137,38 +135,7 @@ class Setup:
     direction: str = ""
 
 
-def load_recipe(name: str) -> Recipe:
-    """`pdan` -> recipes.pdan.recipe; a dotted module path (`mypkg.myrecipe`) is imported as is."""
-    candidates = [f"recipes.{name}"] if "." not in name else []
-    candidates.append(name)
-    for mod_name in candidates:
-        try:
-            module = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name is not None and (mod_name == e.name or mod_name.startswith(e.name + ".")):
-                continue  # that module does not exist; an import error inside it is reported as is
-            raise
-        rec = getattr(module, "recipe", None)
-        if not isinstance(rec, Recipe):
-            raise ConfigError(f"recipe={name}: module {mod_name} has no `recipe = Recipe(...)`")
-        return rec
-    raise ConfigError(f"recipe={name}: no module recipes.{name}; available: {', '.join(available_recipes())}")
-
-
-def _same_recipe(name: str, recipe: Recipe) -> bool:
-    """Whether `name` (a YAML file's `recipe:`) picks `recipe`; a name that picks none does not."""
-    try:
-        return load_recipe(name) is recipe
-    except ConfigError:
-        return False
-
-
-def available_recipes() -> list[str]:
-    try:
-        import recipes
-    except ImportError:
-        return []
-    return sorted(m.name for m in pkgutil.iter_modules(recipes.__path__) if m.ispkg)
+load_recipe = find_recipe  # the older name of the registry's lookup
 
 
 def parse_args(argv: list[str]) -> tuple[Setup | None, str]:
@@ -185,15 +152,13 @@ def parse_args(argv: list[str]) -> tuple[Setup | None, str]:
             rest.append((k, v))
 
     section = HPOSection()
-    yaml_hpo, yaml_space, stripped, yaml_recipe = {}, None, None, ""
+    yaml_hpo, yaml_space, file_data, yaml_recipe = {}, None, {}, ""
     if config_path:
-        data = read_yaml(config_path)
-        if "hpo" in data or "recipe" in data:
-            stripped = data  # the recipe's config knows neither: build_config reads the file without them
-        yaml_recipe = str(data.pop("recipe", None) or "")  # a module path here, checked against the recipe below
+        file_data = read_yaml(config_path)  # the recipe's sections, once `recipe:` and `hpo:` are taken out
+        yaml_recipe = str(file_data.pop("recipe", None) or "")  # checked against the recipe below
         recipe_name = recipe_name or yaml_recipe
-        if "hpo" in data:
-            yaml_hpo = data.pop("hpo") or {}
+        if "hpo" in file_data:
+            yaml_hpo = file_data.pop("hpo") or {}
             if not isinstance(yaml_hpo, dict):
                 raise ConfigError(f"{config_path}: the hpo section must be a mapping")
             yaml_hpo = dict(yaml_hpo)
@@ -210,27 +175,13 @@ def parse_args(argv: list[str]) -> tuple[Setup | None, str]:
         if want_help:
             return None, (USAGE + "\n\nKeys of the hpo section (type, default, description):" + help_text(section)
                           + f"\n\nRecipes: {', '.join(available_recipes())} (recipe=NAME --help lists their keys)")
-        raise ConfigError(f"name the recipe to tune: recipe=NAME (available: {', '.join(available_recipes())})")
-    recipe = load_recipe(recipe_name)
-    if yaml_recipe and yaml_recipe != recipe_name and not _same_recipe(yaml_recipe, recipe):
+        raise ConfigError(f"name the recipe to tune: recipe=NAME (available: {', '.join(available_recipes())}; "
+                          f"or a module path: recipe=mypkg.myrecipe)")
+    recipe = find_recipe(recipe_name)
+    if yaml_recipe and yaml_recipe != recipe_name and not _is_recipe(yaml_recipe, recipe, recipe_ref(recipe)):
         raise ConfigError(f"config file {config_path} is for recipe {yaml_recipe}, but this study tunes "
                           f"recipe={recipe_name}: drop recipe={recipe_name}, or pass a config file of that recipe")
-    build_path, tmp_dir = config_path, None
-    try:
-        if stripped is not None:
-            tmp_dir = tempfile.mkdtemp(prefix="trainlib-hpo-")
-            build_path = os.path.join(tmp_dir, os.path.basename(config_path))
-            with open(build_path, "w") as fh:
-                yaml.safe_dump(stripped, fh, sort_keys=False)
-        argv2 = (["--config", build_path] if build_path else []) + [f"{k}={v}" for k, v in rest]
-        cfg, _, demo = build_config(recipe, argv2 + (["--help"] if want_help else []))
-    except ConfigError as e:
-        if build_path != config_path:
-            raise ConfigError(str(e).replace(build_path, config_path)) from None
-        raise
-    finally:
-        if tmp_dir:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+    cfg, demo = make_config(recipe, file_data, config_path or "", rest, want_help)
     if want_help:
         return None, (USAGE + "\n\nKeys of the hpo section (type, default, description):" + help_text(section)
                       + f"\n\nKeys of recipe {recipe.name}:" + help_text(cfg))

@@ -5,12 +5,14 @@
     model = trainlib.load_model("runs/.../checkpoints/best.ckpt")    # any checkpoint
     model = trainlib.load_model(path, model=MyNet())                  # a plain module (notebook runs)
 
-The config saved with the weights names the recipe and its `model`/`data` sections, so the
-recipe's `build_model` rebuilds the exact architecture. The model comes back in eval mode on CPU.
+The config saved with the weights names the recipe (a registered name or a module path, resolved
+by `trainlib.recipe.find_recipe`, so a user's own recipe package works as a built-in one does) and
+its `model`/`data` sections, so the recipe's `build_model` rebuilds the exact architecture, after
+the recipe's `inference_overrides` (e.g. no start-from weights to fetch). The model comes back in
+eval mode on CPU.
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ import yaml
 from torch import nn
 
 from . import checkpoint
-from .config import Config, ConfigError, apply_dict
+from .config import Config, ConfigError, apply_dict, set_value
+from .recipe import find_recipe
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -48,13 +51,16 @@ def load_model(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         if not name:
             raise ConfigError(f"{path} names no recipe; pass the module to fill: load_model(path, model=MyNet())")
         try:
-            recipe = importlib.import_module(f"recipes.{name}").recipe
-        except ModuleNotFoundError:
-            raise ConfigError(f"{path} was trained by recipe {name!r}, which is not installed here") from None
+            recipe = find_recipe(name)
+        except ConfigError as e:
+            raise ConfigError(f"{path} was trained by recipe {name!r}, which cannot be found here: {e}") from None
         cfg = Config(model=recipe.model_config(), data=recipe.data_config(), recipe=name)
         apply_dict(cfg, {k: v for k, v in config.items() if k in ("model", "data")}, str(path))
-        if hasattr(cfg.model, "pretrained"):
-            cfg.model.pretrained = ""  # the saved weights replace any start-from weights; the folder may be gone
+        for key, value in recipe.inference_overrides.items():
+            try:
+                set_value(cfg, key, value)
+            except ConfigError as e:
+                raise ConfigError(f"recipe {name}: inference_overrides {key}={value!r}: {e}") from None
         model = recipe.build_model(cfg)
     checkpoint.load_model_state(model, weights, str(path))
     return model.eval()

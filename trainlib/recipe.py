@@ -1,14 +1,19 @@
-"""The recipe contract: what a training system supplies, and `main()` that runs it.
+"""The recipe contract: what a training system supplies, the registry that finds one, and `main()` that runs it.
 
 A recipe owns only what is specific to its system (model, data, loss, metrics); everything else
 (loop, DDP, AMP, accumulation, compile, checkpoints, early stopping, logging, resume, export)
 comes from the engine. `recipes/<name>/__main__.py` is one line: `main(recipe)`.
+
+The engine never imports a recipe package: tools that need one (the Optuna search, `load_model`)
+call `find_recipe(ref)`, where ref is a name registered in the `trainlib.recipes` entry-point group
+or a module path, so a recipe package outside this repository works wherever a built-in one does.
 """
 from __future__ import annotations
 
 import dataclasses
 import errno
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -20,8 +25,8 @@ from typing import Any, Callable, Optional, Sequence
 from . import dist
 from .preemption import Preempted
 from .rundir import disk_error
-from .config import (Config, ConfigError, DataConfig, DataError, UserError, help_text, load_yaml, set_value,
-                     to_dict)
+from .config import (Config, ConfigError, DataConfig, DataError, UserError, apply_dict, help_text, read_yaml,
+                     set_value, to_dict, validate)
 
 
 @dataclass
@@ -44,6 +49,138 @@ class Recipe:
     callbacks: Optional[Callable[[Any], list]] = None        # (cfg) -> [Callback, ...]
     description: str = ""
     search_space: Optional[Callable[[Any], dict]] = None     # (optuna trial) -> {config key: value}; launch/hyperopt.py
+    inference_overrides: dict[str, Any] = field(default_factory=dict)  # keys load_model sets before build_model,
+    #                                        e.g. {"model.pretrained": ""}: the saved weights replace start-from weights
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry: a recipe by registered name or by module path
+
+ENTRY_POINT_GROUP = "trainlib.recipes"
+
+REGISTER_HINT = ("register one in your package's setup.cfg ([options.entry_points] trainlib.recipes = "
+                 "NAME = mypkg.myrecipe:recipe, then pip install it) or pass its module path "
+                 "(mypkg.myrecipe, whose `recipe` is a trainlib Recipe, or mypkg.mod:attr)")
+
+# recipes found by module path -> that path, so a run of one stores what finds it again
+_found_by_path: dict[int, tuple[Recipe, str]] = {}
+
+
+def _registered() -> dict[str, list[Any]]:
+    """name -> the entry points of that name in the `trainlib.recipes` group (more than one only when
+    two installed packages claim the name with different targets)."""
+    from importlib.metadata import entry_points
+
+    out: dict[str, list[Any]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if all(e.value != ep.value for e in out.get(ep.name, [])):
+            out.setdefault(ep.name, []).append(ep)
+    return out
+
+
+def available_recipes() -> list[str]:
+    """The registered recipe names (installed packages' `trainlib.recipes` entry points)."""
+    return sorted(_registered())
+
+
+def _import(module: str, ref: str, registered_as: str = "") -> Any:
+    """The module, or None when it (or a package above it) does not exist; an import error raised
+    inside an existing module is the recipe's own bug and goes up as is."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
+            raise
+        if registered_as:
+            raise ConfigError(f"recipe={ref}: registered as {registered_as}, but module {module} is not "
+                              f"installed: reinstall the package that registers it") from None
+        return None
+
+
+def _unknown(ref: str) -> ConfigError:
+    names = available_recipes()
+    return ConfigError(f"unknown recipe {ref!r}: neither a registered name (registered: {', '.join(names) or 'none'}) "
+                       f"nor an importable module path; to use your own, {REGISTER_HINT}")
+
+
+def find_recipe(ref: str) -> Recipe:
+    """The Recipe that `ref` names: a registered name (`pdan`) or a module path (`mypkg.myrecipe` with
+    a `recipe` attribute, or `mypkg.mod:attr`). A name registered by an installed package wins."""
+    ref = str(ref).strip()
+    if not ref:
+        raise ConfigError(f"no recipe given: name a registered one ({', '.join(available_recipes()) or 'none'}) "
+                          f"or a module path")
+    registered = _registered().get(ref)
+    if registered:
+        if len(registered) > 1:
+            raise ConfigError(f"recipe={ref} is registered more than once ("
+                              + ", ".join(ep.value for ep in registered) + "): pass the module path instead")
+        ep = registered[0]
+        module_name, _, attr = ep.value.partition(":")
+        module_name, attr = module_name.strip(), attr.strip()
+        obj = _import(module_name, ref, registered_as=ep.value)
+        for part in attr.split(".") if attr else []:
+            if not hasattr(obj, part):
+                raise ConfigError(f"recipe={ref}: registered as {ep.value}, but module {module_name} has no "
+                                  f"`{attr}`: fix the entry point of the package that registers it")
+            obj = getattr(obj, part)
+        where = f"entry point {ref} = {ep.value}"
+    else:
+        module_name, colon, attr = ref.partition(":")
+        attr = attr if colon else "recipe"
+        if not all(p.isidentifier() for p in module_name.split(".")) or not attr.isidentifier():
+            raise _unknown(ref)
+        module = _import(module_name, ref)
+        if module is None:
+            raise _unknown(ref)
+        if not hasattr(module, attr):
+            raise ConfigError(f"recipe={ref}: module {module_name} has no `{attr}`; expected "
+                              f"`{attr} = Recipe(...)` in it" + ("" if colon else " (or name another attribute: "
+                                                                  f"{module_name}:ATTR)"))
+        obj, where = getattr(module, attr), f"{module_name}.{attr}"
+    if not isinstance(obj, Recipe):
+        raise ConfigError(f"recipe={ref}: {where} is {type(obj).__name__}, not a trainlib.recipe.Recipe")
+    if not registered:
+        _found_by_path.setdefault(id(obj), (obj, module_name if attr == "recipe" else f"{module_name}:{attr}"))
+    return obj
+
+
+def recipe_ref(recipe: Recipe) -> str:
+    """What a run stores as its config's `recipe`: the string `find_recipe` turns back into this recipe,
+    so `load_model` and the tools rebuild it. Its registered name when it is the registered one; else
+    the module path it was found by or is importable from (no registration needed); else its name."""
+    eps = _registered().get(recipe.name, [])
+    if len(eps) == 1:
+        try:
+            if eps[0].load() is recipe:
+                return recipe.name
+        except Exception:  # noqa: BLE001  a broken registration of the same name: not this recipe
+            pass
+    found = _found_by_path.get(id(recipe))
+    if found is not None and found[0] is recipe:
+        return found[1]
+    holders = [name for name, m in list(sys.modules.items())  # not __main__ / __mp_main__: no path finds them
+               if not name.startswith("__") and isinstance(getattr(m, "__dict__", None), dict)
+               and m.__dict__.get("recipe") is recipe]
+    return min(holders, key=lambda n: (n.count("."), n)) if holders else recipe.name
+
+
+def _module_of(ref: str) -> str:
+    """The module to name in `python -m MODULE` for a recipe reference (help text, error hints)."""
+    eps = _registered().get(ref, [])
+    if len(eps) == 1:
+        return eps[0].value.partition(":")[0].strip()
+    return ref.partition(":")[0]
+
+
+def _is_recipe(ref: str, recipe: Recipe, own_ref: str) -> bool:
+    """Whether `ref` (a `recipe=` argument, a config file's `recipe:`) names `recipe`."""
+    if ref in (recipe.name, own_ref):
+        return True
+    try:
+        return find_recipe(ref) is recipe
+    except (ConfigError, ImportError):
+        return False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -56,8 +193,8 @@ ENGINE_ALIASES = {
 }
 LAUNCHER_FLAGS = {"gpus", "devices", "nproc_per_node", "num_nodes"}
 
-USAGE = """usage: python -m recipes.{name} [--config FILE.yaml] [section.key=value ...]
-       torchrun --nproc_per_node=N -m recipes.{name} [--config FILE.yaml] [section.key=value ...]
+USAGE = """usage: python -m {module} [--config FILE.yaml] [section.key=value ...]
+       torchrun --nproc_per_node=N -m {module} [--config FILE.yaml] [section.key=value ...]
 
 {description}
 
@@ -102,26 +239,44 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], bool]
 def build_config(recipe: Recipe, argv: list[str]) -> tuple[Config, bool, bool]:
     """-> (config, help wanted, synthetic demo). Order: code defaults < recipe defaults <
     demo settings (only without data.root) < YAML file < command line."""
-    from .config import validate
-
     config_path, pairs, want_help = parse_cli(argv)
-    aliases = {**ENGINE_ALIASES, **recipe.aliases}
+    ref = recipe_ref(recipe)
     for k, v in pairs:
+        if k == "recipe" and not _is_recipe(v, recipe, ref):
+            raise ConfigError(f"recipe={v}: this is recipe {recipe.name}; run python -m {_module_of(v)} instead")
+    file_data: dict = {}
+    if config_path:
+        file_data = read_yaml(config_path)
+        named = file_data.pop("recipe", None)
+        if named and not _is_recipe(str(named), recipe, ref):
+            raise ConfigError(f"config file {config_path} is for recipe {named}, but this is recipe {recipe.name}: "
+                              f"run it with python -m {_module_of(str(named))} --config {config_path}, or pass "
+                              f"a config file of recipe {recipe.name}")
+    cfg, demo = make_config(recipe, file_data, config_path or "", [(k, v) for k, v in pairs if k != "recipe"],
+                            want_help)
+    return cfg, want_help, demo
+
+
+def make_config(recipe: Recipe, file_data: dict, source: str, pairs: list[tuple[str, Any]],
+                want_help: bool = False) -> tuple[Config, bool]:
+    """-> (config, synthetic demo) from a config file's mapping (already read, without its `recipe:`;
+    `source` names the file in errors) and `key=value` pairs, in build_config's order. The Optuna
+    search calls it too, with the file's `hpo:` section taken out."""
+    aliases = {**ENGINE_ALIASES, **recipe.aliases}
+    ref = recipe_ref(recipe)
+    for k, _ in pairs:
         if k in LAUNCHER_FLAGS:
             raise ConfigError(f"--{k} picks the number of processes, which the launcher owns: use "
-                              f"`torchrun --nproc_per_node=N -m recipes.{recipe.name}` or `launch/train_ddp.sh -g/-d`")
-        if k == "recipe" and v != recipe.name:
-            raise ConfigError(f"recipe={v}: this is recipe {recipe.name}; run python -m recipes.{v} instead")
+                              f"`torchrun --nproc_per_node=N -m {_module_of(ref)}` or `launch/train_ddp.sh -g/-d`")
 
     def fresh() -> Config:
-        cfg = Config(model=recipe.model_config(), data=recipe.data_config(), recipe=recipe.name)
+        cfg = Config(model=recipe.model_config(), data=recipe.data_config(), recipe=ref)
         for k, v in recipe.defaults.items():
             set_value(cfg, k, v)
         return cfg
 
     def apply_user(cfg: Config) -> None:
-        if config_path:
-            load_yaml(cfg, config_path)
+        apply_dict(cfg, file_data, source)
         for k, v in pairs:
             set_value(cfg, k, v, aliases)
 
@@ -130,33 +285,22 @@ def build_config(recipe: Recipe, argv: list[str]) -> tuple[Config, bool, bool]:
     demo = not probe.data.root and not want_help
     cfg = fresh()
     if demo:
-        user_keys = set()
         scratch = fresh()
-        if config_path:
-            user_keys |= _yaml_keys(config_path)
-        for k, v in pairs:
-            user_keys.add(set_value(scratch, k, v, aliases))
+        user_keys = _leaf_keys(file_data, "") | {set_value(scratch, k, v, aliases) for k, v in pairs}
         for k, v in recipe.demo.items():
             if k not in user_keys:
                 set_value(cfg, k, v)
     apply_user(cfg)
     if not want_help:
         validate(cfg)  # every range, once, before a process group, a dataset or a run directory exists
-    return cfg, want_help, demo
+    return cfg, demo
 
 
-def _yaml_keys(path: str) -> set[str]:
-    from .config import read_yaml
-
-    data = read_yaml(path)
-
-    def walk(d: dict, prefix: str) -> set[str]:
-        out: set[str] = set()
-        for k, v in d.items():
-            out |= walk(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
-        return out
-
-    return walk(data, "")
+def _leaf_keys(d: dict, prefix: str) -> set[str]:
+    out: set[str] = set()
+    for k, v in d.items():
+        out |= _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
 
 
 def synthetic_root(recipe: Recipe, cfg: Config) -> Path:
@@ -299,13 +443,14 @@ def exit_process(code: int) -> None:
 
 
 def main(recipe: Recipe, argv: list[str] | None = None) -> int:
-    """Entry point of `python -m recipes.<name>` (see `guarded` for the exit codes)."""
+    """Entry point of `python -m recipes.<name>` and of a user's recipe package (see `guarded` for the
+    exit codes). The run's config stores `recipe_ref(recipe)`, which `find_recipe` resolves again."""
     argv = sys.argv[1:] if argv is None else argv
 
     def body() -> None:
         cfg, want_help, demo = build_config(recipe, argv)
         if want_help:
-            print(USAGE.format(name=recipe.name, description=recipe.description) + help_text(cfg))
+            print(USAGE.format(module=_module_of(cfg.recipe), description=recipe.description) + help_text(cfg))
             return
         run(recipe, cfg, demo)
 

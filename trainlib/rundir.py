@@ -12,12 +12,15 @@ import errno
 import json
 import os
 import re
+import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from .config import UserError
+from . import checkpoint, dist
+from .config import ConfigError, UserError
+from .loggers import log
 
 LOCK_NAME = ".lock"
 
@@ -153,3 +156,114 @@ class RunLock:
                 self.path.unlink()
             except OSError:
                 pass
+
+
+RUN_FILES = ("metrics.jsonl", "history.json", "train.log", "model.safetensors", "tb")
+
+
+def clear_run_files(run_dir: Path) -> None:
+    """What a run wrote (trainer.overwrite=true): its logs, exported weights and checkpoints."""
+    for name in RUN_FILES:
+        p = run_dir / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
+def find_resume(resume: str, out_dir: str, run_name: str, recipe: str) -> tuple[Path | None, Path | None]:
+    """-> (the checkpoint trainer.resume names, the run directory to continue in or None for the
+    usual out_dir/run_name). `resume` is a file; a run directory (its newest checkpoint, continued
+    in place); 'auto' (the newest checkpoint of out_dir/run_name, or of the newest run of this
+    recipe); None when 'auto' finds nothing."""
+    if not resume:
+        return None, None
+    if resume == "auto":
+        if run_name:
+            return newest_checkpoint(Path(out_dir) / run_name), None
+        runs = sorted(Path(out_dir).glob(f"{recipe}_*"), key=lambda p: p.name, reverse=True)
+        found = next((c for c in map(newest_checkpoint, runs) if c is not None), None)
+        return found, (found.parent.parent if found is not None else None)
+    path = Path(resume)
+    if path.is_dir():
+        run = path.parent if path.name == "checkpoints" else path
+        found = newest_checkpoint(run)
+        if found is None:
+            raise checkpoint.CheckpointError(f"trainer.resume={resume}: no checkpoint in {run / 'checkpoints'} (expected "
+                                  "last.ckpt, step=<N>.ckpt or a top-k file)")
+        return found, (None if run_name else run)
+    if not path.is_file():
+        raise checkpoint.CheckpointError(f"trainer.resume: checkpoint not found: {resume} (expected a .ckpt file, a run "
+                              "directory, or 'auto')")
+    return path, None
+
+
+def open_run_dir(run_dir: Path, config_yaml: str, *, is_main: bool, resuming: bool, overwrite: bool,
+                 resume_auto: bool, note: Callable[[str], None]) -> RunLock | None:
+    """Every rank: create (or continue in) `run_dir` and take its lock (rank 0). A folder that
+    already holds a run is continued only by a resume; a fresh start there needs overwrite (or is
+    an elastic restart of this same job before its first checkpoint). On a problem every rank
+    raises the same error and a folder this call created is removed again. -> rank 0's lock."""
+    problem: tuple[str, str] | None = None
+    lock = None
+    if is_main:
+        created = not run_dir.exists()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir)
+            taken = lock.acquire()
+            if taken:
+                note(taken)
+            if not resuming and holds_run(run_dir):
+                if lock.same_job_restart():
+                    note("an earlier attempt of this job wrote this run directory and died before its first "
+                         "checkpoint: starting over")
+                    clear_run_files(run_dir)
+                elif overwrite:
+                    note(f"trainer.overwrite=true: removed the previous run's files in {run_dir}")
+                    clear_run_files(run_dir)
+                else:
+                    why = " but no checkpoint to resume" if resume_auto else ""
+                    problem = ("config", f"run directory {run_dir} already holds a run{why}; continue it with "
+                                         "trainer.resume=auto, start over with trainer.overwrite=true, or pick "
+                                         "another trainer.run_name")
+            if problem is None:
+                (run_dir / "checkpoints").mkdir(exist_ok=True)
+                for stale in [*run_dir.glob(".*.tmp-*"), *(run_dir / "checkpoints").glob(".*.tmp-*")]:
+                    stale.unlink(missing_ok=True)  # half-written files of a process that died mid-write
+                checkpoint.atomic_write_bytes(run_dir / "config.yaml", config_yaml.encode())
+        except RunDirError as e:
+            problem = ("disk", str(e))
+        except OSError as e:
+            problem = ("disk", str(disk_error(e, f"the run directory {run_dir}")))
+        if problem is not None:
+            if lock is not None:
+                lock.release()
+            if created:  # only what this call made
+                shutil.rmtree(run_dir, ignore_errors=True)
+    problem = dist.broadcast_object(problem)
+    if problem is not None:
+        raise (ConfigError if problem[0] == "config" else RunDirError)(problem[1])
+    return lock
+
+
+def export(run_dir: Path, final: dict, metadata: dict[str, str]) -> str:
+    """model.safetensors in `run_dir`: best.ckpt's weights when there is one, else `final`
+    (refused when not finite). -> which weights ('best', 'final', or '' when nothing was written)."""
+    best = run_dir / "checkpoints" / "best.ckpt"
+    state, source = final, "final"
+    if best.is_file():
+        state, source = checkpoint.load(best)["model"], "best"
+    elif not all(bool(v.isfinite().all()) for v in state.values() if v.is_floating_point()):
+        log.error("not exporting model.safetensors: the final weights are not finite")
+        return ""
+    checkpoint.export_safetensors(state, run_dir / "model.safetensors", {**metadata, "weights": source})
+    log.info(f"exported {source} weights to {run_dir / 'model.safetensors'}")
+    return source
+
+
+def truncate_lines(path: Path, n: int) -> None:
+    """Keep the first n lines (rows logged after the checkpoint, by a run that then died, go)."""
+    if not path.is_file():
+        return
+    lines = path.read_bytes().splitlines(keepends=True)
+    if len(lines) != n:
+        checkpoint.atomic_write_bytes(path, b"".join(lines[:n]))

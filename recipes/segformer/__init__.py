@@ -84,6 +84,7 @@ recipe = Recipe(
     forward=forward,
     make_synthetic=make_synthetic,
     search_space=search_space,
+    inference_overrides={"model.pretrained": ""},  # load_model: the saved weights replace the start-from weights
     defaults={"optim.name": "adamw", "optim.lr": 6e-5, "optim.scheduler": "none", "trainer.max_epochs": 50,
               "trainer.monitor": "val/miou", "trainer.mode": "max"},
     demo={"model.num_labels": DEMO["num_labels"], "data.image_size": 64, "data.batch_size": 8,

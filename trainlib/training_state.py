@@ -1,0 +1,97 @@
+"""What a checkpoint of a training run holds, and putting it back.
+
+A checkpoint holds everything a resume needs to continue bit for bit: the model (plain keys, whole
+under FSDP too), optimizer, LR schedule, GradScaler, where the loop was (epoch, step, micro-batch
+of the epoch), the running sums of an unfinished epoch and every rank's RNG states (gathered), the
+non-finite step counts, the callbacks' states, the resolved config and the library version.
+`trainer` is the Trainer (duck-typed: this module does not import it).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint, dist, rundir
+from .config import to_dict
+from .loggers import log
+from .version import __version__
+
+
+def capture(trainer: Any, epoch_done: bool) -> dict:
+    """Everything a resume needs. RNG states and running sums of every rank are gathered (a collective)."""
+    t, st = trainer, trainer.state
+    return {
+        "format": checkpoint.FORMAT, "version": __version__,
+        "model": t.wrapped.state_dict(), "optimizer": t.wrapped.optimizer_state(t.optimizer),
+        "schedule": t.schedule.state_dict(), "scaler": t.scaler.state_dict(),
+        "epoch": st.epoch, "global_step": st.global_step, "batch_in_epoch": st.batch_in_epoch,
+        "epoch_done": epoch_done, "rows_logged": t.rows_logged, "skips": t.nonfinite.state_dict(),
+        # each rank's sums of the unfinished epoch (pending items as they are: summing changes rounding)
+        "accumulators": dist.all_gather_object(None if epoch_done else t.stats.state_dict()),
+        "sampler_seed": t.tc.seed, "world_size": t.env.world_size,
+        "rng": dist.all_gather_object(dist.rng_state()),
+        "callbacks": {cb.key: cb.state_dict() for cb in t.callbacks if cb.key},
+        "config": to_dict(t.cfg),
+    }
+
+
+def save(trainer: Any, path: str | os.PathLike, epoch_done: bool) -> bool:
+    """Every rank calls this; rank 0 writes atomically. Never writes NaN/inf weights: False (on
+    every rank) when it did not write. A failed write (full disk) ends every rank with one line;
+    the previous file stays."""
+    if not trainer.wrapped.weights_finite():
+        log.error(f"not writing {path}: the model has non-finite weights (keeping the previous checkpoint)")
+        return False
+    state = capture(trainer, epoch_done)
+    error = ""
+    if trainer.is_main:
+        try:
+            checkpoint.atomic_save(state, path)
+        except OSError as e:
+            kept = " (the previous file is kept)" if Path(path).is_file() else ""
+            error = str(rundir.disk_error(e, f"checkpoint {path}{kept}"))
+    error = dist.broadcast_object(error)  # checkpoint time only
+    if error:
+        raise rundir.RunDirError(error)
+    return True
+
+
+def restore(trainer: Any, path: str | os.PathLike, weights_only: bool = False) -> None:
+    """The weights, or with weights_only=False everything `capture` saved. Touches no file."""
+    t, st, env = trainer, trainer.state, trainer.env
+    saved = checkpoint.load(path)
+    t.wrapped.load_state_dict(saved["model"], str(path))
+    if weights_only:
+        return
+    t.wrapped.load_optimizer_state(t.optimizer, saved["optimizer"])
+    t.schedule.load_state_dict(saved["schedule"])
+    t.scaler.load_state_dict(saved["scaler"])
+    for cb in t.callbacks:
+        if cb.key and cb.key in saved["callbacks"]:
+            cb.load_state_dict(saved["callbacks"][cb.key])
+    st.global_step, t.rows_logged = saved["global_step"], saved["rows_logged"]
+    st.epoch, st.batch_in_epoch = saved["epoch"], saved["batch_in_epoch"]
+    if saved["epoch_done"]:
+        st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+    elif len(saved["accumulators"]) == env.world_size and saved["accumulators"][env.rank] is not None:
+        t.stats.load_state_dict(saved["accumulators"][env.rank])
+    t.nonfinite.load_state_dict(saved.get("skips", {}))
+    if len(saved["rng"]) == env.world_size:
+        dist.set_rng_state(saved["rng"][env.rank])
+    else:
+        log.warning(f"{path} was written by {len(saved['rng'])} process(es), this run has {env.world_size}: "
+                    "random streams restart from the seed (results will differ from an uninterrupted run)")
+
+
+def keep_a_checkpoint(trainer: Any) -> None:
+    """After a non-finite stop: the run's newest checkpoint (written before the problem) stays as
+    it is; a run with none yet gets last.ckpt of its current weights, which only took finite steps."""
+    st = trainer.state
+    newest = dist.broadcast_object(rundir.newest_checkpoint(st.run_dir) if trainer.is_main else None)
+    if newest is not None:
+        log.info(f"the last good checkpoint is {newest}")
+        return
+    last = st.run_dir / "checkpoints" / "last.ckpt"
+    if save(trainer, last, epoch_done=False):
+        log.info(f"wrote {last} from the last finite weights (step {st.global_step})")
