@@ -47,6 +47,7 @@ class FakeCUDA:
             opt = copy.deepcopy(t.optimizer.state_dict())
             lrs = [grp["lr"] for grp in t.optimizer.param_groups]
             rng = torch.get_rng_state()
+            ema = [s.clone() for s in t.ema.shadow] + [t.ema.updates.clone()] if t.ema else []
             step_fn, seen = t.graphs.step_fn, {}
 
             def recording(batches):  # remember what the graph would replay
@@ -65,6 +66,8 @@ class FakeCUDA:
                 for grp, lr in zip(t.optimizer.param_groups, lrs):
                     grp["lr"] = lr  # load_state_dict brought back floats: keep the live lr tensors
                 torch.set_rng_state(rng)
+                if ema:
+                    torch._foreach_copy_(t.ema.shadow + [t.ema.updates], ema)
                 self.captures += 1
         return capture()
 

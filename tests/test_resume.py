@@ -93,10 +93,12 @@ def compare(ref_out, ref_dir, out, run_dir):
 
 
 @pytest.mark.parametrize("nproc, seed, workers, strategy", [(1, 11, 0, "ddp"), (2, 23, 0, "ddp"), (1, 37, 2, "ddp"),
-                                                        (2, 41, 0, "fsdp")])
+                                                        (2, 41, 0, "fsdp"), (2, 43, 0, "ddp+ema")])
 def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path, nproc, seed, workers, strategy):
     ref_out, ref_dir = tmp_path / "ref_out", tmp_path / "runs" / "ref"
     base = [f"data.num_workers={workers}"]  # augmentation drawn in worker processes must replay exactly too
+    if strategy == "ddp+ema":  # the averaged weights (compared too: toy.py saves them) and their update count
+        base += ["trainer.ema_decay=0.9", "trainer.ema_warmup=true"]
     if strategy == "fsdp":  # sharded weights and optimizer state, gathered into the same files
         base += ["trainer.strategy=fsdp", "trainer.fsdp_min_params=1"]
     finish(start(command(nproc, ref_out, ref_dir, base)))

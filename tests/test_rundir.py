@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import ROOT
 from tests.test_resume import command, start
 from tests.toy import ToyData, make_trainer
 from trainlib import checkpoint, rundir
@@ -31,7 +32,8 @@ def train(tmp_path, *overrides, data=None):
     return t
 
 
-@pytest.mark.parametrize("keep", [["trainer.keep_last_k=1"], ["trainer.save_top_k=1"]], ids=["step_files", "top_k"])
+@pytest.mark.parametrize("keep", [["trainer.keep_last_k=1", "trainer.ckpt_every_n_steps=3"], ["trainer.save_top_k=1"]],
+                         ids=["step_files", "top_k"])
 def test_resume_auto_without_last_ckpt_resumes_the_newest_checkpoint(tmp_path, keep):
     full = train(tmp_path, "trainer.run_name=full", "trainer.max_epochs=2", "optim.name=adamw")
     common = ["trainer.run_name=r", "optim.name=adamw", "trainer.save_last=false", "trainer.save_top_k=0", *keep]
@@ -57,7 +59,7 @@ def test_resume_auto_with_no_checkpoint_refuses_and_changes_nothing(tmp_path):
     before = files(run)
     assert "metrics.jsonl" in before and "model.safetensors" in before
     with pytest.raises(ConfigError, match=f"run directory {run} already holds a run but no checkpoint to resume; "
-                                          "continue it with trainer.resume=auto, start over with trainer.overwrite=true"):
+                                          "start over with trainer.overwrite=true, or pick another trainer.run_name"):
         train(tmp_path, *common, "trainer.resume=auto")
     assert files(run) == before
     # starting over is explicit, and says so in the new train.log
@@ -122,27 +124,65 @@ def write_lock(run, **owner):
                                                     "job": "", **owner}))
 
 
+def hold_lock(run):
+    """A live process that holds the run directory's lock."""
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from trainlib.rundir import RunLock; "
+            f"RunLock({str(run)!r}).acquire(); print('held', flush=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert p.stdout.readline().strip() == b"held"
+    return p
+
+
 def test_the_lock_keeps_a_second_run_out_and_a_dead_owner_is_taken_over(tmp_path):
     run = tmp_path / "r"
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    run.mkdir()
+    holder = hold_lock(run)
     try:
-        write_lock(run, pid=sleeper.pid)
-        with pytest.raises(rundir.RunDirError, match=f"run directory {run} is in use by process {sleeper.pid} on "
-                                                      "this host .started 2026-01-01 00:00:00.; wait for it to end"):
+        with pytest.raises(rundir.RunDirError, match=f"run directory {run} is in use by process {holder.pid} on "
+                                                      f"{socket.gethostname()} .started .*; wait for it to end"):
             train(tmp_path, "trainer.run_name=r")
         assert not (run / "checkpoints").exists()  # nothing was written into the other run's folder
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        holder.kill()
+        holder.wait()
     write_lock(run, host="another-host", pid=1)
     with pytest.raises(rundir.RunDirError, match=f"in use by process 1 on host another-host .*delete {run / '.lock'}"):
         train(tmp_path, "trainer.run_name=r")
     gone = dead_pid()
-    write_lock(run, pid=gone)
+    write_lock(run, pid=gone)  # what a SIGKILLed owner leaves: the file, no flock
     train(tmp_path, "trainer.run_name=r", "trainer.max_epochs=1")
     assert (f"took over the lock of process {gone} on {socket.gethostname()} (started 2026-01-01 00:00:00), which "
             "is no longer running") in (run / "train.log").read_text()
     assert not (run / rundir.LOCK_NAME).exists()  # released at the end of the run
+
+
+def _race(run, barrier, results):
+    barrier.wait()
+    try:
+        rundir.RunLock(run).acquire()
+        results.put("got")
+        barrier.wait()  # hold it until both have tried
+    except rundir.RunDirError:
+        results.put("refused")
+        barrier.wait()
+
+
+def test_two_runs_starting_at_the_same_instant_cannot_both_take_the_lock(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    for i in range(20):
+        run = tmp_path / f"r{i}"
+        run.mkdir()
+        if i % 2:  # half the rounds start from a dead owner's lock file
+            write_lock(run, pid=dead_pid())
+        barrier, results = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_race, args=(run, barrier, results)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert sorted([results.get(timeout=5), results.get(timeout=5)]) == ["got", "refused"], i
 
 
 def test_an_elastic_restart_before_the_first_checkpoint_starts_over(tmp_path, monkeypatch):
@@ -202,3 +242,65 @@ def test_two_processes_end_with_one_line_on_a_disk_fault(tmp_path, fault, expect
     assert not re.search(r'File ".*(trainlib|tests)/', text), text[-3000:]  # no worker traceback (torchrun's own aside)
     if "disk_full" in fault:
         assert checkpoint.load(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+def test_resuming_from_a_top_k_file_keeps_best_top_k_and_history_as_the_uninterrupted_run(tmp_path):
+    common = ["trainer.save_last=false", "trainer.save_top_k=2", "optim.lr=0.2"]
+    full = train(tmp_path, "trainer.run_name=full", "trainer.max_epochs=3", *common)
+    train(tmp_path, "trainer.run_name=part", "trainer.max_epochs=2", *common)
+    part = train(tmp_path, "trainer.run_name=part", "trainer.max_epochs=3", "trainer.resume=auto", *common)
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, part.model.state_dict()[k]), k
+    names = lambda run: sorted(p.name for p in (tmp_path / run / "checkpoints").glob("epoch=*"))  # noqa: E731
+    assert names("full") == names("part") and len(names("part")) == 2
+    best = {run: (tmp_path / run / "checkpoints" / "best.ckpt").stat().st_ino for run in ("full", "part")}
+    linked = {run: [n for n in names(run) if (tmp_path / run / "checkpoints" / n).stat().st_ino == best[run]]
+              for run in best}
+    assert linked["full"] == linked["part"] and len(linked["part"]) == 1
+    epochs = lambda run: [r["epoch"] for r in json.loads((tmp_path / run / "history.json").read_text())]  # noqa: E731
+    assert epochs("full") == epochs("part") == [0, 1, 2]
+
+
+def test_resume_auto_without_a_run_name_takes_the_run_written_last(tmp_path):
+    train(tmp_path, "trainer.run_name=toy_zeta", "trainer.max_epochs=1")
+    train(tmp_path, "trainer.run_name=toy_aaa", "trainer.max_epochs=1")  # newer, though its name sorts first
+    t = train(tmp_path, "trainer.max_epochs=2", "trainer.resume=auto")
+    assert t.run_dir == tmp_path / "toy_aaa" and t.global_step == 16
+
+
+def test_an_unreadable_newest_checkpoint_is_named_and_the_next_newest_resumed(tmp_path, capsys):
+    train(tmp_path, "trainer.run_name=r", "trainer.max_epochs=1", "trainer.keep_last_k=1")
+    last = tmp_path / "r" / "checkpoints" / "last.ckpt"
+    last.unlink()  # (it was a hard link of step=00000008.ckpt)
+    last.write_bytes(b"")
+    t = train(tmp_path, "trainer.run_name=r", "trainer.max_epochs=2", "trainer.keep_last_k=1", "trainer.resume=auto")
+    assert t.global_step == 16
+    assert (f"cannot read checkpoint {last}: the file is empty (0 bytes) (EOFError); resuming from the next "
+            f"newest checkpoint, {tmp_path / 'r' / 'checkpoints' / 'step=00000008.ckpt'}") in capsys.readouterr().out
+
+
+def test_evaluating_a_trained_run_leaves_its_files_as_they_are(tmp_path):
+    train(tmp_path, "trainer.run_name=r", "trainer.max_epochs=1")
+    run = tmp_path / "r"
+    before = files(run)
+    t = make_trainer([f"trainer.out_dir={tmp_path}", "trainer.run_name=r"], ToyData(64),
+                     val_data=ToyData(32, seed=1))
+    result = t.test(str(run / "checkpoints" / "best.ckpt"), split="val")
+    assert t.run_dir.parent == run and t.run_dir.name.startswith("test_") and "val/loss" in result
+    assert {k: v for k, v in files(run).items() if not k.startswith("test_")} == before
+
+
+def test_small_faults_are_one_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="trainer.limit_train_batches=0 leaves no training batch in an epoch"):
+        make_trainer([f"trainer.out_dir={tmp_path}", "trainer.limit_train_batches=0"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="trainer.device='cuda' but CUDA is not available here; use trainer.device=cpu"):
+        make_trainer([f"trainer.out_dir={tmp_path}", "trainer.device=cuda"])
+    empty = tmp_path / "model.safetensors"
+    empty.write_bytes(b"")
+    import trainlib
+
+    with pytest.raises(CheckpointError, match=f"cannot read {empty}: not a complete safetensors file"):
+        trainlib.load_model(empty, model=torch.nn.Linear(2, 1))
+    with pytest.raises(ConfigError, match="config key 'trainer.run_name': expected a folder name"):
+        make_trainer([f"trainer.out_dir={tmp_path}", "trainer.run_name=../escape"])

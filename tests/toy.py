@@ -79,6 +79,40 @@ def toy_model(dim: int = 6, dropout: float = 0.0, buffer_mb: int = 0) -> nn.Modu
     return model
 
 
+class Block(nn.Module):
+    """A residual block; remembers the dtype its weight had in the forward (FSDP's all-gathered copy)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.forward_dtype = ""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.forward_dtype = str(self.lin.weight.dtype)
+        return x + torch.tanh(self.lin(x))
+
+
+class BlockNet(nn.Module):
+    """stem -> 3 blocks -> head: the shape of a transformer, for sharding plans. freeze: the stem
+    and the first block are frozen, like a pretrained part that build_model loads."""
+
+    def __init__(self, dim: int = 6, width: int = 16, freeze: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(123)
+        self.stem = nn.Linear(dim, width)
+        self.blocks = nn.ModuleList([Block(width) for _ in range(3)])
+        self.head = nn.Linear(width, 1)
+        if freeze:
+            for p in [*self.stem.parameters(), *self.blocks[0].parameters()]:
+                p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
 def toy_forward(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(batch["x"])
 
@@ -104,7 +138,8 @@ def make_trainer(overrides: list[str], data: ToyData | None = None, model: nn.Mo
 
 
 def split_toy_flags(argv: list[str]) -> tuple[dict[str, float], list[str]]:
-    """--toy-NAME=VALUE flags (augment, dropout, delay, buffer_mb, n, ragged, freeze_last, lr_tensor, fake_graphs) vs trainer overrides."""
+    """--toy-NAME=VALUE flags (augment, dropout, delay, buffer_mb, n, ragged, freeze_last, lr_tensor, fake_graphs,
+    blocks, freeze) vs trainer overrides."""
     flags, rest = {}, []
     for a in argv:
         if a.startswith("--toy-"):
@@ -145,6 +180,9 @@ if __name__ == "__main__":
         Path.mkdir = read_only
     model = toy_model(dropout=flags.get("dropout", 0.0), buffer_mb=int(flags.get("buffer_mb", 0)))
     kw: dict = {"collate_fn": ragged_collate} if ragged else {}
+    if flags.get("blocks"):  # --toy-blocks=1: BlockNet with its blocks as the plan; --toy-freeze=1: part frozen
+        model = BlockNet(freeze=bool(flags.get("freeze", 0)))
+        kw["blocks"] = lambda m: [*m.blocks]
     if flags.get("freeze_last"):  # two param groups: the last layer's lr is 0
         kw["param_groups"] = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.0}]
     trainer = make_trainer(overrides, data, model, **kw)
@@ -196,10 +234,14 @@ if __name__ == "__main__":
         out.mkdir(parents=True, exist_ok=True)
         (out / f"seen_rank{rank}.json").write_text(json.dumps(seen_by_epoch))
         weights = trainer.model_state_dict()  # every rank: a gather under FSDP
+        if trainer.ema is not None:  # the averaged weights too (a gather under FSDP)
+            weights.update({f"ema.{k}": v for k, v in trainer.ema.state_dict()["weights"].items()})
         from trainlib.fsdp import local
 
         held = {"params": sum(local(p).numel() for p in trainer.model.parameters()),  # this rank's share
                 "exp_avg": sum(local(s["exp_avg"]).numel() for s in trainer.optimizer.state.values() if "exp_avg" in s)}
+        if isinstance(trainer.model, BlockNet):  # the weights' dtype inside the forward
+            held["forward_dtype"] = [b.forward_dtype for b in trainer.model.blocks]
         (out / f"held_rank{rank}.json").write_text(json.dumps(held))
         (out / f"end_rank{rank}.json").write_text(json.dumps({"step": trainer.global_step,
                                                               "stop_reason": trainer.stop_reason}))

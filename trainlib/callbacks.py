@@ -62,7 +62,7 @@ class ModelCheckpoint(Callback):
 
     def on_train_step_end(self, state: TrainState) -> None:
         if self.every_n_steps and state.global_step % self.every_n_steps == 0 and not state.epoch_done:
-            self._save_periodic(state, write_last=True)
+            self._save_periodic(state, write_last=self.save_last)
 
     def _save_periodic(self, state: TrainState, write_last: bool, epoch_done: bool | None = None) -> None:
         """last.ckpt (when asked) and, with keep_last_k, step=<N>.ckpt: a hard link to the same
@@ -97,16 +97,20 @@ class ModelCheckpoint(Callback):
         tag = re.sub(r"[^A-Za-z0-9_.-]", "_", self.monitor)
         name = f"epoch={state.epoch:03d}-step={state.global_step}-{tag}={value:.4f}.ckpt"
         folder = self._dir(state)
-        # The epoch is not finished yet: a resume from this file continues with the next epoch.
-        if not state.save_checkpoint(folder / name, epoch_done=True):
-            return  # declined (non-finite weights): no file, so no best.ckpt link and no top-k entry
+        # The file holds this callback's state WITH itself in the top k (a resume from it goes on
+        # pruning exactly as the uninterrupted run), so the lists change before the save.
+        before = (list(self.top_k), self.best)
         new_best = improved(value, self.best, self.mode)
         if new_best:
             self.best = value
-            if state.is_main:
-                _replace_with_link(folder / name, folder / "best.ckpt")
         self.top_k = sorted(self.top_k + [(value, name)], key=lambda t: t[0], reverse=self.mode == "max")
         evicted, self.top_k = self.top_k[keep:], self.top_k[:keep]
+        # The epoch is not finished yet: a resume from this file continues with the next epoch.
+        if not state.save_checkpoint(folder / name, epoch_done=True):
+            self.top_k, self.best = before  # declined (non-finite weights): no file, no link, no entry
+            return
+        if new_best and state.is_main:
+            _replace_with_link(folder / name, folder / "best.ckpt")
         if state.is_main:  # only after the new file is safely on disk
             for _, old in evicted:
                 (folder / old).unlink(missing_ok=True)
@@ -195,11 +199,16 @@ class History(Callback):
 
     def on_validation_end(self, state: TrainState, metrics: dict) -> None:
         self._val = dict(metrics)
+        self._add(state)  # now, so a top-k checkpoint written after this holds the epoch's row
 
-    def on_train_epoch_end(self, state: TrainState) -> None:
+    def _add(self, state: TrainState) -> None:
         row = {"epoch": state.epoch, "step": state.global_step, **state.train_metrics, **self._val,
                "lr": state.lrs[0], "seconds": round(time.time() - self._t0, 3)}
         self.rows.append({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in row.items()})
+
+    def on_train_epoch_end(self, state: TrainState) -> None:
+        if not self.rows or self.rows[-1]["epoch"] != state.epoch:  # no validation this epoch
+            self._add(state)
         if state.is_main:
             import json
 

@@ -44,6 +44,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a write or fsync error names no file: name the one that was being written
+        if e.filename is None or str(e.filename) == str(tmp):
+            e.filename = str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -75,11 +79,14 @@ def load(path: str | os.PathLike) -> dict:
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
-                     load: Callable[[dict[str, torch.Tensor]], None] | None = None) -> None:
+                     load: Callable[[dict[str, torch.Tensor]], None] | None = None, left_out: Any = ()) -> None:
     """Strict load that explains a mismatch: which keys are missing, unexpected, or of another
-    shape. `load` replaces model.load_state_dict once the keys fit (FSDP shards the tensors)."""
+    shape. `load` replaces model.load_state_dict once the keys fit (FSDP shards the tensors).
+    `left_out`: keys the file says it left out on purpose (frozen parameters, trainer.save_frozen=false):
+    they may be missing and keep the model's own values; any other missing key is an error."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    excused = set(left_out)
+    missing = [k for k in own if k not in state and k not in excused]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -91,6 +98,9 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
                 parts.append(f"{title} ({len(items)}): {', '.join(items[:8])}{more}")
         raise CheckpointError(f"{source} does not fit this model (was it saved with another model config?): "
                               + "; ".join(parts))
+    kept = [k for k in own if k not in state]
+    if kept and load is None:  # FSDP's loader keeps the model's own shards for absent keys itself
+        state = {**state, **{k: own[k] for k in kept}}
     (load or model.load_state_dict)(state)
 
 

@@ -88,7 +88,7 @@ class Bounds:
         rng = self.describe()
         for x in items:
             if isinstance(x, (int, float)) and not isinstance(x, bool):
-                if x != x or not self.number_ok(x):  # NaN fails every range
+                if not math.isfinite(x) or not self.number_ok(x):  # NaN and inf fail every range
                     return (f"values {rng}" if isinstance(value, (list, tuple)) else f"a value {rng}") if rng else ""
         return ""
 
@@ -136,7 +136,9 @@ def bounds_of(f: dataclasses.Field) -> Bounds | None:
 def validate(cfg: Any) -> None:
     """Every key against its declared bounds, once, when the config is built (before a process
     group, a dataset or a model exists). ConfigError naming the key, the value and the range."""
-    for key, (owner, f, _tp) in leaves(cfg).items():
+    for key, (owner, f, tp) in leaves(cfg).items():
+        value = getattr(owner, f.name)
+        _coerce(value, tp, key, value)  # the type or choice (a notebook's dataclasses skip set_value)
         _check(key, owner, f)
     trainer, optim = getattr(cfg, "trainer", None), getattr(cfg, "optim", None)
     if isinstance(trainer, TrainerConfig) and isinstance(optim, OptimConfig):
@@ -157,6 +159,9 @@ def combination_problem(t: "TrainerConfig", o: "OptimConfig") -> str:
                 "must be > 0")
     if t.test_only and not t.ckpt_path:
         return "trainer.test_only=true needs trainer.ckpt_path=<checkpoint to evaluate>"
+    if not t.test_only and t.limit_train_batches == 0:
+        return ("trainer.limit_train_batches=0 leaves no training batch in an epoch; to only evaluate use "
+                "trainer.test_only=true with trainer.ckpt_path")
     return ""
 
 
@@ -205,7 +210,7 @@ class TrainerConfig:
                         check=rule("'DD:HH:MM:SS' (or fewer fields) or seconds, >= 0 (empty: no limit)", _duration_ok))
     precision: Precision = opt("32-true", "numeric precision: 32-true, 16-mixed (GradScaler), bf16-mixed, bf16-true")
     strategy: Literal["ddp", "fsdp", "none"] = opt("ddp", "with world size > 1, ddp: DistributedDataParallel; fsdp: shard parameters, gradients and optimizer state (FSDP2); none: never wrap")
-    fsdp_min_params: int = opt(1_000_000, "strategy=fsdp: a submodule holding at least this many parameters (not in a smaller unit) is sharded as its own unit", ge=1)
+    fsdp_min_params: int = opt(1_000_000, "strategy=fsdp without a recipe plan (Recipe.blocks): a submodule holding at least this many parameters (not in a smaller unit) is sharded as its own unit", ge=1)
     accumulate_grad_batches: int = opt(1, "micro-batches per optimizer step (DDP sync only on the last one)", ge=1)
     grad_clip: float = opt(0.0, "clip the global gradient norm to this value (0: off)", ge=0)
     compile: Union[bool, CompileMode] = opt(False, "torch.compile the inner module: true (= default) or a mode; checkpoint keys stay plain")
@@ -226,11 +231,14 @@ class TrainerConfig:
     ckpt_path: str = opt("", "checkpoint to load weights from (test_only, or fine-tuning start)")
     resume: str = opt("", "resume from a checkpoint path, or 'auto' = last.ckpt of the run directory")
     out_dir: str = opt("runs", "parent folder of run directories")
-    run_name: str = opt("", "run directory name under out_dir (default: <recipe>_<date>_<time>)")
+    run_name: str = opt("", "run directory name under out_dir (default: <recipe>_<date>_<time>)",
+                        check=rule("a folder name (no '/', not '.' or '..')",
+                                   lambda v: "/" not in v and "\\" not in v and v not in (".", "..")))
     overwrite: bool = opt(False, "allow a fresh run in a run directory that already holds a run")
     ckpt_every_n_steps: int = opt(0, "also save last.ckpt every n optimizer steps (0: only at epoch ends)", ge=0)
     save_top_k: int = opt(1, "keep the k best checkpoints by the monitored metric (0: none, -1: all)", check=_COUNT_OR_ALL)
     save_last: bool = opt(True, "keep checkpoints/last.ckpt up to date")
+    save_frozen: bool = opt(True, "false: checkpoints leave out the parameters frozen (requires_grad=False) from the start, e.g. pretrained ones build_model loads; a resume takes them from the model as built; model.safetensors stays complete")
     keep_last_k: int = opt(0, "also keep the k most recent periodic saves (epoch ends, ckpt_every_n_steps) as checkpoints/step=<N>.ckpt (0: none, -1: all)", check=_COUNT_OR_ALL)
     monitor: str = opt("val/loss", "metric that decides best checkpoints, early stopping and plateau scheduling")
     mode: Literal["min", "max"] = opt("min", "whether the monitored metric should go down (min) or up (max)")
@@ -238,6 +246,8 @@ class TrainerConfig:
     early_stop_min_delta: float = opt(0.0, "smallest change of the monitored metric that counts as improvement", ge=0)
     nonfinite: Literal["stop", "skip"] = opt("stop", "a step whose loss or gradient is NaN/inf is never applied; stop: end the run (naming the step, keeping the last good checkpoint), skip: go on")
     max_skipped_steps: int = opt(10, "trainer.nonfinite=skip: stop after this many non-finite steps in a row (0: never)", ge=0)
+    ema_decay: float = opt(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: off); validation, best checkpoints and model.safetensors use it", ge=0, lt=1)
+    ema_warmup: bool = opt(False, "ema: decay min(ema_decay, (1 + n) / (10 + n)) after n updates, so early weights fade fast")
     export: bool = opt(True, "write model.safetensors (+ its config) to the run directory at the end of fit")
 
 

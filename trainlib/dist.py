@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -43,7 +45,7 @@ def pick_device(spec: str, env: DistEnv) -> torch.device:
     if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"trainer.device={spec!r} but CUDA is not available; use trainer.device=cpu or auto")
+        raise ConfigError(f"trainer.device={spec!r} but CUDA is not available here; use trainer.device=cpu or auto")
     if spec in ("auto", "cuda"):
         return torch.device("cuda", env.local_rank % torch.cuda.device_count())
     return torch.device(spec)

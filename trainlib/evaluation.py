@@ -1,5 +1,16 @@
 """Evaluation over one split: the loss and every metric, reduced across ranks, so N processes
-score exactly what one process scores."""
+score exactly what one process scores.
+
+A recipe whose evaluation differs from training (all views, a sampling loop, generation) gives a
+`predict_fn(model, batch) -> outputs`; the metrics see its outputs. The loss stays the training
+forward's by default: it is the quantity training minimises, so val/loss stays comparable with
+train/loss and monitorable, which sampled masks or generated text cannot give (a flow-matching
+loss needs the training-style noisy input, an LM loss teacher forcing). That costs a second
+forward per batch, only when predict_fn is given; `loss_from_predict=True` skips it when predict's
+outputs are what the loss function takes (a multi-view model scored on all views).
+predict_fn runs on the plain module (`Wrapped.model`): a sampling loop or generation has
+data-dependent control flow that a compiled graph would recompile or break on.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -7,6 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as torch_dist
 
+from .config import ConfigError
 from .data import DevicePrefetcher, map_tensors, to_device
 from .dist import DistEnv
 from .metrics import MeanMetric, Metric
@@ -16,7 +28,8 @@ from .precision import Precision
 
 @torch.no_grad()
 def evaluate(wrapped: Wrapped, loader: Any, n: int, forward_fn: Callable, unpack: Callable, metrics: list[Metric],
-             precision: Precision, device: torch.device, env: DistEnv, split: str) -> dict[str, float]:
+             precision: Precision, device: torch.device, env: DistEnv, split: str,
+             predict_fn: Callable | None = None, loss_from_predict: bool = False) -> dict[str, float]:
     """{"<split>/loss": ..., "<split>/<metric>": ...} over the first `n` batches of `loader` (every
     rank must call)."""
     for m in metrics:
@@ -29,23 +42,34 @@ def evaluate(wrapped: Wrapped, loader: Any, n: int, forward_fn: Callable, unpack
             torch_dist.broadcast(b, 0)
     model, marks = wrapped.compiled, wrapped.mark_compiled_steps
     was_training = model.training
-    model.eval()
+    model.eval()  # wrapped.model too: the compiled module holds it
     for i, batch in enumerate(DevicePrefetcher(loader, device)):
         if i >= n:
             break
         batch = precision.cast_batch(to_device(batch, device))
         with precision.autocast():
-            if marks:
-                torch.compiler.cudagraph_mark_step_begin()
-            outputs = forward_fn(model, batch)
-            if marks:  # metrics may keep outputs; the next replay would overwrite them
-                outputs = map_tensors(outputs, torch.clone)
+            predicted = predict_fn(wrapped.model, batch) if predict_fn else None
+            if predict_fn and loss_from_predict:
+                outputs = predicted
+            else:
+                if marks:
+                    torch.compiler.cudagraph_mark_step_begin()
+                outputs = forward_fn(model, batch)
+                if marks and not predict_fn:  # metrics may keep outputs; the next replay would overwrite them
+                    outputs = map_tensors(outputs, torch.clone)
             loss, weight, _ = unpack(outputs, batch)
         loss_mean.add(loss.float(), weight)
         for m in metrics:
-            m.update(outputs, batch)
+            m.update(predicted if predict_fn else outputs, batch)
     model.train(was_training)
     result = {f"{split}/{k}": v for k, v in loss_mean.compute(device).items()}
     for m in metrics:
         result.update({f"{split}/{k}": float(v) for k, v in m.compute(device).items()})
     return result
+
+
+def check_monitor(monitor: str, metrics: dict) -> None:
+    """The monitored key must be one evaluation returns: a typo would otherwise never improve."""
+    if monitor not in metrics:
+        raise ConfigError(f"trainer.monitor={monitor!r} is not a validation metric; "
+                          f"available: {', '.join(sorted(metrics))}")

@@ -11,12 +11,19 @@ loading. A run can therefore resume under another strategy or world size, and
 on rank 0 for the duration of a save; the models these recipes train fit that easily.
 
 Sharding units (each one all-gathers its parameters just before its forward and frees them
-after): every submodule that holds at least `trainer.fsdp_min_params` parameters not already in
-a smaller unit, innermost first, then the root for whatever is left (FSDP1's size-based policy).
+after): the recipe's blocks when it names them (`Recipe.blocks`, e.g. the transformer layers: one
+all-gather per layer is what overlaps communication with compute), else every submodule that
+holds at least `trainer.fsdp_min_params` parameters not already in a smaller unit (FSDP1's
+size-based policy); innermost first, then the root for whatever is left.
+
+Precision: with trainer.precision=bf16-mixed the units all-gather bf16 copies of the fp32 shards
+and reduce-scatter the gradients in fp32 (`MixedPrecisionPolicy`): half the all-gather bytes, no
+bf16 rounding in the gradient sum. gloo does bf16 collectives too (torch >= 2.x), so the policy is
+the same on CPU and GPU.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -40,9 +47,46 @@ def _fsdp2() -> Any:
             raise ConfigError(f"trainer.strategy=fsdp needs FSDP2 (torch >= 2.4); this is torch {torch.__version__}") from None
 
 
-def plan(model: nn.Module, min_params: int) -> list[tuple[str, nn.Module]]:
-    """The sharding units, innermost first, the root ('') last. A container without a forward of
-    its own (ModuleList, ModuleDict) cannot be a unit: its parameters go to the module using it."""
+def resolve_blocks(model: nn.Module, blocks: Any) -> list[tuple[str, nn.Module]]:
+    """The recipe's blocks (`blocks(model)` or a list: submodules or their dotted names) as
+    (name, module) pairs in the model's post-order (innermost first, what fully_shard needs), or a
+    ConfigError naming what is wrong. Checked under every strategy, so a bad plan fails on one
+    process, not first on the multi-GPU job."""
+    given = blocks(model) if callable(blocks) else blocks
+    if isinstance(given, (str, nn.Module)) or not isinstance(given, Iterable):
+        raise ConfigError(f"blocks: expected a list of submodules or their dotted names, got {type(given).__name__}")
+    order = {id(m): i for i, (_, m) in enumerate(_post_order(model))}
+    names = {id(m): n for n, m in model.named_modules()}
+    found: dict[int, tuple[str, nn.Module]] = {}
+    for item in given:
+        if isinstance(item, str):
+            try:
+                module = model.get_submodule(item)
+            except AttributeError:
+                raise ConfigError(f"blocks: the model has no submodule {item!r}") from None
+        elif isinstance(item, nn.Module):
+            module = item
+        else:
+            raise ConfigError(f"blocks: expected submodules or dotted names, got {type(item).__name__}")
+        if id(module) not in names:
+            raise ConfigError(f"blocks: a {type(module).__name__} that is not a submodule of the model "
+                              f"(was it built again, or taken from another model?)")
+        name = names[id(module)]
+        if type(module).forward is nn.Module.forward:
+            raise ConfigError(f"blocks: {name or '<root>'} is a {type(module).__name__}, a container without a "
+                              f"forward of its own: name its elements instead (e.g. [*model.{name}])")
+        if module is not model:  # the root is always the last unit
+            found[id(module)] = (name, module)
+    return sorted(found.values(), key=lambda nm: order[id(nm[1])])
+
+
+def plan(model: nn.Module, min_params: int, blocks: list[tuple[str, nn.Module]] | None = None
+         ) -> list[tuple[str, nn.Module]]:
+    """The sharding units, innermost first, the root ('') last: `blocks` (resolve_blocks) when
+    given, else by size. A container without a forward of its own (ModuleList, ModuleDict) cannot
+    be a unit: its parameters go to the module using it."""
+    if blocks is not None:
+        return [*blocks, ("", model)]
     covered: set[int] = set()
     units: list[tuple[str, nn.Module]] = []
     for name, module in _post_order(model):
@@ -55,15 +99,25 @@ def plan(model: nn.Module, min_params: int) -> list[tuple[str, nn.Module]]:
     return units + [("", model)]
 
 
-def shard(model: nn.Module, min_params: int, param_groups: list[dict] | None = None) -> tuple[list[str], list | None]:
+def mixed_precision(precision: str) -> Any:
+    """bf16-mixed: all-gather bf16 parameters, reduce gradients in fp32 (see the module doc); else
+    None (32-true: nothing to cast; bf16-true: the parameters are bf16 already; 16-mixed keeps
+    fp32 all-gathers: the GradScaler path is left as under DDP, and bf16 is the mode for sharding)."""
+    if precision != "bf16-mixed":
+        return None
+    return _fsdp2().MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def shard(model: nn.Module, min_params: int, param_groups: list[dict] | None = None,
+          blocks: list[tuple[str, nn.Module]] | None = None, mp_policy: Any = None) -> tuple[list[str], list | None]:
     """fully_shard the units of `model` in place (see `plan`). Returns their names ('' = root)
     and `param_groups` (built from the model's parameters before) pointing at the sharded
     parameters: sharding swaps every parameter for a DTensor, by name."""
     fully_shard = _fsdp2().fully_shard
     by_name = _named_groups(model, param_groups) if param_groups else None
-    units = plan(model, min_params)
+    units = plan(model, min_params, blocks)
     for _, module in units:
-        fully_shard(module)
+        fully_shard(module, **({"mp_policy": mp_policy} if mp_policy is not None else {}))
     if by_name:
         params = dict(model.named_parameters())
         param_groups = [{**g, "params": [params[n] for n in g["params"]]} for g in by_name]
@@ -99,11 +153,14 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole, plain-keyed state on rank 0 (on the CPU); {} on the other ranks. Collective."""
+def full_model_state(model: nn.Module, skip_frozen: bool = False) -> dict[str, torch.Tensor]:
+    """The whole, plain-keyed state on rank 0 (on the CPU); {} on the other ranks. Collective.
+    skip_frozen: without the parameters that have requires_grad=False, which are then never
+    all-gathered (not only left out after the gather)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=skip_frozen))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -121,7 +178,9 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Every rank holds the full state (each read the file): each keeps its own shards."""
+    """Every rank holds the full state (each read the file): each keeps its own shards. A key
+    `state` lacks (a frozen parameter a checkpoint left out, checked by the caller) keeps the
+    model's own shards."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))

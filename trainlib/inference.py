@@ -21,6 +21,7 @@ import yaml
 from torch import nn
 
 from . import checkpoint
+from .ema import with_ema
 from .config import Config, ConfigError, apply_dict, set_value
 from .recipe import find_recipe
 
@@ -35,12 +36,22 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+            weights = load_file(str(path))
+        except Exception as e:  # an empty, truncated or foreign file
+            raise checkpoint.CheckpointError(f"cannot read {path}: not a complete safetensors file "
+                                             f"({type(e).__name__}: {str(e)[:200]})") from None
         config = yaml.safe_load(meta.get("config", "")) or {}
-        return load_file(str(path)), config
+        return weights, config
     state = checkpoint.load(path)
-    return state["model"], state.get("config", {})
+    if state.get("frozen_left_out"):  # rebuilt here without its pretrained files, they could not be filled
+        raise checkpoint.CheckpointError(
+            f"{path} leaves out {len(state['frozen_left_out'])} frozen parameter(s) (trained with "
+            f"trainer.save_frozen=false; they come from the pretrained files): load the run's model.safetensors, "
+            f"which is complete, or evaluate the checkpoint with trainer.test_only=true trainer.ckpt_path={path}")
+    return with_ema(state["model"], state), state.get("config", {})  # the averaged weights, when it has them
 
 
 def load_model(path: str | Path, model: nn.Module | None = None) -> nn.Module:

@@ -33,6 +33,17 @@ def build_optimizer(params: Iterable[Any], cfg: OptimConfig) -> torch.optim.Opti
         return cls(params, **kw)
 
 
+def run_length(epochs: int, steps_per_epoch: int, max_steps: int, training: bool = True) -> int:
+    """Optimizer steps the run will take (what cosine and onecycle schedules span): epochs x steps,
+    capped by trainer.max_steps (-1: no cap); 1 for an evaluation-only Trainer."""
+    if not training:
+        return 1
+    total = epochs * steps_per_epoch
+    if max_steps > 0:
+        total = min(total, max_steps) if total > 0 else max_steps
+    return total
+
+
 def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 

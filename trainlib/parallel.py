@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -30,20 +32,43 @@ class Wrapped:
     mark_compiled_steps: bool  # reduce-overhead graph trees: mark each step, clone their outputs
     param_groups: list | None = None
     notes: list[str] = field(default_factory=list)  # decisions for train.log
+    blocks: list[str] = field(default_factory=list)  # the recipe's blocks (FSDP units), by name
+    # trainer.save_frozen=false: parameters frozen (requires_grad=False) since the model was wrapped,
+    # i.e. as build_model loaded them; checkpoints leave them out (see checkpoint_model)
+    frozen: set[str] = field(default_factory=set)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model with plain keys. Under FSDP a collective that gathers it to rank 0 (the
         other ranks get {}): every rank must call it."""
         return fsdp.full_model_state(self.model) if self.sharded else self.model.state_dict()
 
+    def checkpoint_model(self) -> dict:
+        """{"model": state, "frozen_left_out": keys} for a checkpoint: with trainer.save_frozen=false
+        the state lacks the parameters frozen since the start (under FSDP they are not even
+        gathered); a resume takes them from the model as built. One unfrozen at any save (a
+        freezing schedule) is saved from then on. Collective under FSDP."""
+        if not self.frozen:
+            return {"model": self.state_dict(), "frozen_left_out": []}
+        params = dict(self.model.named_parameters())
+        self.frozen = {n for n in self.frozen if not params[n].requires_grad}
+        leave = {k for n in self.frozen for k in _keys_of(self.model, n)}  # tied weights: every key
+        every_frozen = not any(not p.requires_grad and n not in self.frozen for n, p in params.items())
+        if self.sharded and every_frozen:  # (else gather all, drop below: frozen after training, kept)
+            state = fsdp.full_model_state(self.model, skip_frozen=True)
+        else:
+            state = self.state_dict()
+        return {"model": {k: v for k, v in state.items() if k not in leave}, "frozen_left_out": sorted(leave)}
+
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """Plain (float lrs, parameters by position) and whole: under FSDP gathered to rank 0."""
         state = fsdp.full_optimizer_state(self.model, optimizer) if self.sharded else optimizer.state_dict()
         return graphs.plain_optimizer_state(state) if state else state
 
-    def load_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str, left_out: list[str] = ()) -> None:
+        """`left_out`: keys the file declares it left out (trainer.save_frozen=false); they keep the
+        model's own values (as built, or as trainer.ckpt_path set them)."""
         load = (lambda sd: fsdp.load_model_state(self.model, sd)) if self.sharded else None
-        checkpoint.load_model_state(self.model, state, source, load=load)
+        checkpoint.load_model_state(self.model, state, source, load=load, left_out=left_out)
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
         if self.sharded:
@@ -60,12 +85,19 @@ class Wrapped:
         return bool(finite)
 
 
+def _keys_of(model: nn.Module, name: str) -> list[str]:
+    """The state_dict keys of parameter `name`: more than one when it is shared (tied embeddings)."""
+    target = model.get_parameter(name)
+    return [k for k, p in model.named_parameters(remove_duplicate=False) if p is target]
+
+
 def compile_mode(tc: TrainerConfig) -> str:
     return "default" if tc.compile is True else (tc.compile or "")
 
 
 def wrap(model: nn.Module, tc: TrainerConfig, env: DistEnv, device: torch.device, param_dtype: torch.dtype,
-         param_groups: list | None = None) -> Wrapped:
+         param_groups: list | None = None, blocks: Any = None) -> Wrapped:
+    """`blocks`: the recipe's sharding plan (fsdp.resolve_blocks), checked under every strategy."""
     mode = compile_mode(tc)
     use_graphs = False
     if tc.cuda_graphs:
@@ -82,15 +114,25 @@ def wrap(model: nn.Module, tc: TrainerConfig, env: DistEnv, device: torch.device
             log.warning("trainer.sync_batchnorm=true ignored: SyncBatchNorm needs GPUs (NCCL)")
         else:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    planned = fsdp.resolve_blocks(model, blocks) if blocks is not None else None  # after SyncBN swapped modules
+    frozen = set() if tc.save_frozen else {n for n, p in model.named_parameters() if not p.requires_grad}
     if sharded:
         if use_graphs:
             log.warning("trainer.cuda_graphs=true ignored under trainer.strategy=fsdp: its all-gathers run "
                         "in module hooks that a whole-step capture does not support; running eagerly")
             use_graphs = False
         # in place: names and keys unchanged; the groups follow the parameters it replaces
-        units, param_groups = fsdp.shard(model, tc.fsdp_min_params, param_groups)
-        notes.append(f"trainer.strategy=fsdp: {len(units)} sharding unit(s) over {env.world_size} ranks: "
+        policy = fsdp.mixed_precision(tc.precision)
+        units, param_groups = fsdp.shard(model, tc.fsdp_min_params, param_groups, planned, policy)
+        notes.append(f"trainer.strategy=fsdp: {len(units)} sharding unit(s) over {env.world_size} ranks"
+                     f"{' (the recipe blocks)' if planned is not None else ''}: "
                      f"{', '.join(u or '<root>' for u in units[:8])}" + (" ..." if len(units) > 8 else ""))
+        if policy is not None:
+            notes.append("trainer.precision=bf16-mixed under FSDP: parameters all-gathered in bf16, gradients "
+                         "reduce-scattered in fp32 (MixedPrecisionPolicy), autocast as without FSDP")
+    if frozen:
+        notes.append(f"trainer.save_frozen=false: {len(frozen)} frozen parameter(s) left out of checkpoints "
+                     f"(model.safetensors stays complete)")
     compiled = torch.compile(model, mode=None if mode == "default" else mode) if mode else model
     train_module: nn.Module = compiled
     if ddp:
@@ -103,5 +145,6 @@ def wrap(model: nn.Module, tc: TrainerConfig, env: DistEnv, device: torch.device
         if use_graphs:
             torch.cuda.synchronize(device)
     marks = mode in ("reduce-overhead", "max-autotune") and device.type == "cuda"
-    return Wrapped(model, compiled, train_module, ddp, sharded, use_graphs, marks, param_groups, notes)
+    return Wrapped(model, compiled, train_module, ddp, sharded, use_graphs, marks, param_groups, notes,
+                   [n for n, _ in planned or ()], frozen)
 

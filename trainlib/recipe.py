@@ -40,12 +40,17 @@ class Recipe:
     build_loss: Optional[Callable[[Any], Callable]] = None    # (cfg) -> loss; wins over `loss` when the loss depends on cfg
     metrics: Callable[[Any], list] = lambda cfg: []          # (cfg) -> [Metric, ...]
     forward: Optional[Callable[[Any, Any], Any]] = None      # (model, batch) -> outputs
+    predict: Optional[Callable[[Any, Any], Any]] = None      # (model, batch) -> what the metrics see at evaluation (all
+    #                                        views, sampling, generation); val/loss stays the training forward's
+    loss_from_predict: bool = False                          # val/loss from predict's outputs: one forward, not two
     collate: Optional[Callable[[Any], Callable]] = None      # (cfg) -> collate_fn
     make_synthetic: Optional[Callable[..., Any]] = None      # (root, cfg) -> writes a dataset in the real format
     defaults: dict[str, Any] = field(default_factory=dict)   # engine-section defaults of the seed, e.g. {"optim.lr": 1e-4}
     demo: dict[str, Any] = field(default_factory=dict)       # applied only to the synthetic demo (no data.root)
     aliases: dict[str, str] = field(default_factory=dict)    # seed flag names -> config keys, e.g. {"lr": "optim.lr"}
     param_groups: Optional[Callable[[Any, Any], list]] = None  # (model, cfg) -> torch param groups
+    blocks: Optional[Callable[[Any], list]] = None           # (model) -> its repeated blocks (submodules or dotted
+    #                                        names, e.g. the transformer layers): the FSDP units (trainlib/fsdp.py)
     callbacks: Optional[Callable[[Any], list]] = None        # (cfg) -> [Callback, ...]
     description: str = ""
     search_space: Optional[Callable[[Any], dict]] = None     # (optuna trial) -> {config key: value}; launch/hyperopt.py
@@ -358,10 +363,12 @@ def run(recipe: Recipe, cfg: Config, demo: bool = False, *, callbacks: Sequence[
     trainer = Trainer(
         model, recipe.build_loss(cfg) if recipe.build_loss else recipe.loss, datasets.get("train") if not cfg.trainer.test_only else None,
         datasets.get("val"), datasets.get("test"), config=cfg,
-        metrics=lambda: recipe.metrics(cfg), forward_fn=recipe.forward,
+        metrics=lambda: recipe.metrics(cfg), forward_fn=recipe.forward, predict_fn=recipe.predict,
+        loss_from_predict=recipe.loss_from_predict,
         collate_fn=recipe.collate(cfg) if recipe.collate else None,
         callbacks=[*(recipe.callbacks(cfg) if recipe.callbacks else ()), *callbacks],
-        param_groups=recipe.param_groups(model, cfg) if recipe.param_groups else None, name=recipe.name)
+        param_groups=recipe.param_groups(model, cfg) if recipe.param_groups else None, name=recipe.name,
+        blocks=recipe.blocks)
     if cfg.trainer.test_only:
         if not cfg.trainer.ckpt_path:
             raise ConfigError("trainer.test_only=true needs trainer.ckpt_path=<checkpoint to evaluate>")
@@ -385,7 +392,8 @@ def guarded(body: Callable[[], Any]) -> int:
                                collective broke because a peer died says so in one line (exit 1)
     """
     def say(text: str) -> None:
-        prefix = f"[rank {dist.rank()}] " if dist.world_size() > 1 else ""
+        env = dist.env_from_torchrun()  # (also before the process group exists: a config error)
+        prefix = f"[rank {env.rank}] " if env.world_size > 1 else ""
         print(prefix + text, file=sys.stderr, flush=True)
 
     try:

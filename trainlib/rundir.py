@@ -9,6 +9,7 @@ Trainer's decision and needs trainer.overwrite=true.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from typing import Any, Callable
 
 from . import checkpoint, dist
 from .config import ConfigError, UserError
+from .ema import with_ema
 from .loggers import log
 
 LOCK_NAME = ".lock"
@@ -46,18 +48,21 @@ def _step_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint that continues the run in `run_dir`: last.ckpt when it exists (every periodic
-    save writes it), else the newest step=<N>.ckpt or top-k file by the step in its name (at one
-    step the periodic save wins: it also holds that epoch's history). best.ckpt is a link to a top-k
-    file, never newer than it."""
+def checkpoints_newest_first(run_dir: Path) -> list[Path]:
+    """The checkpoints that can continue the run in `run_dir`, newest first: last.ckpt (every
+    periodic save writes it), then step=<N>.ckpt and top-k files by the step in their name (at one
+    step the periodic save first: it also holds that epoch's end). best.ckpt is a link to a top-k
+    file and not listed."""
     folder = Path(run_dir) / "checkpoints"
-    last = folder / "last.ckpt"
-    if last.is_file():
-        return last
     found = [(step, p.name.startswith("step="), p) for p in folder.glob("*.ckpt")
              if not p.name.startswith(".") and (step := _step_of(p.name)) is not None and p.is_file()]
-    return max(found)[2] if found else None
+    last = folder / "last.ckpt"
+    return ([last] if last.is_file() else []) + [p for *_, p in sorted(found, reverse=True)]
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoints_newest_first(run_dir)
+    return found[0] if found else None
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -68,94 +73,86 @@ def holds_run(run_dir: Path) -> bool:
             or any(not p.name.startswith(".") for p in (run_dir / "checkpoints").glob("*.ckpt")))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 class RunLock:
-    """`<run_dir>/.lock` names the process that owns the run directory (host, pid, start time, and the
-    torchrun job id). A second run into the same folder refuses while the owner is alive; the lock
-    of a process that died (SIGKILL, a crash) is taken over with one line saying so."""
+    """`<run_dir>/.lock`: an exclusive flock held for the whole run, plus the owner's host, pid, start
+    time and torchrun job id written in the file for messages. The kernel drops the flock when the
+    process dies (SIGKILL included), so a dead owner's file is simply taken over, with one line
+    saying whose it was; two runs started at the same instant cannot both get it. A lock file
+    written on another host is refused (its flock may not be visible from here over a network
+    file system)."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK_NAME
         self.me = {"host": socket.gethostname(), "pid": os.getpid(),
                    "since": time.strftime("%Y-%m-%d %H:%M:%S"), "job": os.environ.get("TORCHELASTIC_RUN_ID", "")}
-        self.held = False
-        self.previous: dict[str, Any] | None = None  # the dead owner whose lock was taken over
+        self.fd: int | None = None
+        self.previous: dict[str, Any] = {}  # the dead owner whose lock was taken over
 
-    def owner(self) -> dict[str, Any] | None:
+    def _read(self, fd: int) -> dict[str, Any]:
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(os.pread(fd, 4096, 0) or b"{}")
             return data if isinstance(data, dict) else {}
-        except FileNotFoundError:
-            return None
         except (OSError, ValueError):
-            return {}  # unreadable or half-written: nobody we can name
+            return {}  # unreadable or half-written by a process that died: nobody we can name
 
     def acquire(self) -> str:
-        """Take the lock or raise RunDirError naming its owner. Returns a note when a stale lock
-        was taken over ('' otherwise)."""
-        body = json.dumps(self.me).encode()
-        for _ in range(3):
+        """Take the lock or raise RunDirError naming its owner. Returns a note when a dead owner's
+        lock was taken over ('' otherwise)."""
+        for _ in range(5):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                pass
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
                 raise disk_error(e, f"the lock file {self.path}") from None
-            else:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(body)
-                self.held = True
-                if self.previous is None:
-                    return ""
-                p = self.previous
-                return (f"took over the lock of process {p.get('pid', '?')} on {p.get('host', '?')} "
-                        f"(started {p.get('since', '?')}), which is no longer running")
-            owner = self.owner()
-            if owner is None:
-                continue  # released between our two looks
-            host, pid = owner.get("host"), owner.get("pid")
-            if host == self.me["host"] and isinstance(pid, int) and _alive(pid) and pid != os.getpid():
-                raise RunDirError(f"run directory {self.path.parent} is in use by process {pid} on this host "
-                                  f"(started {owner.get('since', '?')}); wait for it to end or pick another "
-                                  f"trainer.run_name")
-            if host and host != self.me["host"]:
-                raise RunDirError(f"run directory {self.path.parent} is in use by process {pid} on host {host} "
-                                  f"(started {owner.get('since', '?')}); if that run is gone, delete {self.path}")
-            self.previous = owner  # dead owner (or unreadable lock): take it over
             try:
-                self.path.unlink()
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = self._read(fd)
+                os.close(fd)
+                raise RunDirError(f"run directory {self.path.parent} is in use by process {owner.get('pid', '?')} on "
+                                  f"{owner.get('host', 'this host')} (started {owner.get('since', '?')}); wait for it "
+                                  "to end or pick another trainer.run_name") from None
+            try:
+                if os.fstat(fd).st_ino != os.stat(self.path).st_ino:
+                    raise FileNotFoundError  # released and removed between our open and our flock: again
             except FileNotFoundError:
-                pass
+                os.close(fd)
+                continue
+            owner = self._read(fd)
+            if owner.get("host") and owner["host"] != self.me["host"]:
+                os.close(fd)
+                raise RunDirError(f"run directory {self.path.parent} is in use by process {owner.get('pid', '?')} on "
+                                  f"host {owner['host']} (started {owner.get('since', '?')}); if that run is gone, "
+                                  f"delete {self.path}")
+            self.fd, self.previous = fd, owner
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(self.me).encode(), 0)
             except OSError as e:
+                self.release()
                 raise disk_error(e, f"the lock file {self.path}") from None
-        raise RunDirError(f"could not take the lock {self.path}: another process keeps taking it")
+            if not owner:
+                return ""
+            return (f"took over the lock of process {owner.get('pid', '?')} on {owner.get('host', '?')} "
+                    f"(started {owner.get('since', '?')}), which is no longer running")
+        raise RunDirError(f"could not take the lock {self.path}: other processes keep taking and releasing it")
 
     def same_job_restart(self) -> bool:
         """The folder's previous owner was an earlier attempt of this same torchrun job (an elastic
         restart): what it wrote belongs to this run."""
-        p = self.previous or {}
         job = self.me["job"]
-        return bool(job) and p.get("job") == job and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+        return bool(job) and self.previous.get("job") == job and os.environ.get("TORCHELASTIC_RESTART_COUNT",
+                                                                                "0") != "0"
 
     def release(self) -> None:
-        if not self.held:
+        """Remove the file, then drop the flock (a run waiting for the folder re-checks the inode)."""
+        if self.fd is None:
             return
-        self.held = False
-        owner = self.owner()
-        if owner and owner.get("pid") == self.me["pid"] and owner.get("host") == self.me["host"]:
-            try:
-                self.path.unlink()
-            except OSError:
-                pass
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
 
 
 RUN_FILES = ("metrics.jsonl", "history.json", "train.log", "model.safetensors", "tb")
@@ -169,31 +166,34 @@ def clear_run_files(run_dir: Path) -> None:
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
-def find_resume(resume: str, out_dir: str, run_name: str, recipe: str) -> tuple[Path | None, Path | None]:
-    """-> (the checkpoint trainer.resume names, the run directory to continue in or None for the
-    usual out_dir/run_name). `resume` is a file; a run directory (its newest checkpoint, continued
-    in place); 'auto' (the newest checkpoint of out_dir/run_name, or of the newest run of this
-    recipe); None when 'auto' finds nothing."""
+def find_resume(resume: str, out_dir: str, run_name: str, recipe: str) -> tuple[list[Path], Path | None]:
+    """-> (the checkpoints trainer.resume names, newest first: the first that loads is used; the run
+    directory to continue in, or None for the usual out_dir/run_name). `resume` is a file; a run
+    directory (its checkpoints, continued in place); or 'auto': the checkpoints of
+    out_dir/run_name, or of the run of this recipe whose newest checkpoint was written last ([] when
+    there is none)."""
     if not resume:
-        return None, None
+        return [], None
     if resume == "auto":
         if run_name:
-            return newest_checkpoint(Path(out_dir) / run_name), None
-        runs = sorted(Path(out_dir).glob(f"{recipe}_*"), key=lambda p: p.name, reverse=True)
-        found = next((c for c in map(newest_checkpoint, runs) if c is not None), None)
-        return found, (found.parent.parent if found is not None else None)
+            return checkpoints_newest_first(Path(out_dir) / run_name), None
+        runs = [(found, run) for run in Path(out_dir).glob(f"{recipe}_*") if (found := checkpoints_newest_first(run))]
+        if not runs:
+            return [], None
+        found, run = max(runs, key=lambda fr: fr[0][0].stat().st_mtime)
+        return found, run
     path = Path(resume)
     if path.is_dir():
         run = path.parent if path.name == "checkpoints" else path
-        found = newest_checkpoint(run)
-        if found is None:
-            raise checkpoint.CheckpointError(f"trainer.resume={resume}: no checkpoint in {run / 'checkpoints'} (expected "
-                                  "last.ckpt, step=<N>.ckpt or a top-k file)")
+        found = checkpoints_newest_first(run)
+        if not found:
+            raise checkpoint.CheckpointError(f"trainer.resume={resume}: no checkpoint in {run / 'checkpoints'} "
+                                             "(expected last.ckpt, step=<N>.ckpt or a top-k file)")
         return found, (None if run_name else run)
     if not path.is_file():
-        raise checkpoint.CheckpointError(f"trainer.resume: checkpoint not found: {resume} (expected a .ckpt file, a run "
-                              "directory, or 'auto')")
-    return path, None
+        raise checkpoint.CheckpointError(f"trainer.resume: checkpoint not found: {resume} (expected a .ckpt file, "
+                                         "a run directory, or 'auto')")
+    return [path], None
 
 
 def open_run_dir(run_dir: Path, config_yaml: str, *, is_main: bool, resuming: bool, overwrite: bool,
@@ -221,10 +221,10 @@ def open_run_dir(run_dir: Path, config_yaml: str, *, is_main: bool, resuming: bo
                     note(f"trainer.overwrite=true: removed the previous run's files in {run_dir}")
                     clear_run_files(run_dir)
                 else:
+                    ways = ("" if resume_auto else "continue it with trainer.resume=auto, ") + \
+                        "start over with trainer.overwrite=true, or pick another trainer.run_name"
                     why = " but no checkpoint to resume" if resume_auto else ""
-                    problem = ("config", f"run directory {run_dir} already holds a run{why}; continue it with "
-                                         "trainer.resume=auto, start over with trainer.overwrite=true, or pick "
-                                         "another trainer.run_name")
+                    problem = ("config", f"run directory {run_dir} already holds a run{why}; {ways}")
             if problem is None:
                 (run_dir / "checkpoints").mkdir(exist_ok=True)
                 for stale in [*run_dir.glob(".*.tmp-*"), *(run_dir / "checkpoints").glob(".*.tmp-*")]:
@@ -251,7 +251,10 @@ def export(run_dir: Path, final: dict, metadata: dict[str, str]) -> str:
     best = run_dir / "checkpoints" / "best.ckpt"
     state, source = final, "final"
     if best.is_file():
-        state, source = checkpoint.load(best)["model"], "best"
+        saved = checkpoint.load(best)
+        state, source = with_ema(saved["model"], saved), "best"
+        # frozen parameters it left out (trainer.save_frozen=false) never changed: the final ones
+        state = {**state, **{k: final[k] for k in saved.get("frozen_left_out", ()) if k not in state}}
     elif not all(bool(v.isfinite().all()) for v in state.values() if v.is_floating_point()):
         log.error("not exporting model.safetensors: the final weights are not finite")
         return ""

@@ -110,8 +110,8 @@ class NonFiniteSteps:
     happens: trainer.nonfinite=stop ends the run naming the first one; skip says how many and
     goes on, until trainer.max_skipped_steps in a row. Decided from flags every rank agrees on."""
 
-    def __init__(self, tc: TrainerConfig) -> None:
-        self.policy, self.limit = tc.nonfinite, tc.max_skipped_steps
+    def __init__(self, tc: TrainerConfig, is_main: bool = True) -> None:
+        self.policy, self.limit, self.is_main = tc.nonfinite, tc.max_skipped_steps, is_main
         self.total = 0
         self.consecutive = 0
 
@@ -132,8 +132,9 @@ class NonFiniteSteps:
             return (f"non-finite loss or gradient at step {first}; that update was not applied "
                     "(trainer.nonfinite=stop; trainer.nonfinite=skip skips such steps and goes on)")
         n = sum(f > 0 for f in flags)
-        log.warning(f"skipped {n} step(s) with a non-finite loss or gradient up to step {last_step} "
-                    f"(first: step {first}; {self.total} skipped in all, {self.consecutive} in a row)")
+        if self.is_main:  # every rank counts the same steps: say it once
+            log.warning(f"skipped {n} step(s) with a non-finite loss or gradient up to step {last_step} "
+                        f"(first: step {first}; {self.total} skipped in all, {self.consecutive} in a row)")
         if self.limit and self.consecutive >= self.limit:
             return (f"{self.consecutive} steps in a row had a non-finite loss or gradient "
                     f"(trainer.max_skipped_steps={self.limit}): training diverged or the data holds NaN/inf; "

@@ -20,6 +20,7 @@ from . import fsdp, graphs
 from .config import ConfigError, TrainerConfig
 from .data import batch_size_of
 from .dist import DistEnv
+from .ema import EMA
 from .loggers import log
 from .parallel import Wrapped
 from .precision import Precision
@@ -86,6 +87,7 @@ class TrainStep:
         self.normalise = env.world_size > 1 or tc.accumulate_grad_batches > 1
         self.autocast = precision.autocast(cache=not self.use_graphs)  # one object, re-entered
         self.graphs: graphs.StepGraphs | None = None  # built at the first step (after a checkpoint load)
+        self.ema: EMA | None = None  # trainer.ema_decay: averaged after each applied step (inside the graph)
         self.part_names: list[str] = []
 
     def __call__(self, batches: list[Any]) -> tuple[list[tuple], torch.Tensor]:
@@ -174,4 +176,6 @@ class TrainStep:
         elif not bool(bad):  # host sync: only an optimizer without a fused kernel needs one to skip
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(bad)
         return bad

@@ -39,6 +39,7 @@ modules: wrapping the model (parallel.py), one optimizer step (step.py), the log
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -54,10 +55,11 @@ from . import dist, evaluation, flops, parallel, rundir, training_state
 from .callbacks import Callback, default_callbacks
 from .config import (Config, ConfigError, DataConfig, LogConfig, OptimConfig, TrainerConfig, dump_yaml, parse_duration,
                      to_dict, validate)
+from .ema import EMA
 from .data import DevicePrefetcher, batch_size_of, build_loaders, limit_batches
 from .loggers import ConsoleLogger, Logger, build_loggers, log, setup_text_log
 from .metrics import Metric
-from .optim import LRSchedule, build_optimizer, trainable_params
+from .optim import LRSchedule, build_optimizer, run_length, trainable_params
 from .precision import Precision
 from .preemption import Preempted, SignalFlag
 from .state import TrainState
@@ -81,7 +83,9 @@ class Trainer:
                  optim: OptimConfig | None = None, data: DataConfig | None = None, log_config: LogConfig | None = None,
                  metrics: Callable[[], list[Metric]] | list[Metric] | None = None,
                  forward_fn: Callable[[nn.Module, Any], Any] | None = None, collate_fn: Callable | None = None,
-                 callbacks: Iterable[Callback] = (), param_groups: list[dict] | None = None, name: str = "") -> None:
+                 predict_fn: Callable[[nn.Module, Any], Any] | None = None, loss_from_predict: bool = False,
+                 callbacks: Iterable[Callback] = (), param_groups: list[dict] | None = None, name: str = "",
+                 blocks: Callable[[nn.Module], list] | list | None = None) -> None:
         cfg = config if isinstance(config, Config) else Config(
             trainer=config or TrainerConfig(), optim=optim or OptimConfig(), data=data or DataConfig(),
             log=log_config or LogConfig())
@@ -90,6 +94,7 @@ class Trainer:
         self.tc = tc
         self.name = name or cfg.recipe or "run"  # run folders are <name>_<time> (a recipe's short name)
         self.forward_fn, self.unpack = forward_fn or default_forward, LossUnpacker(loss_fn)
+        self.predict_fn, self.loss_from_predict = predict_fn, loss_from_predict  # evaluation.py: why
         self._metric_factory = metrics if callable(metrics) else (lambda m=metrics or []: m)
         self.datasets = {"train": train_data, "val": val_data, "test": test_data}
         self.fast_dev_run = int(tc.fast_dev_run)  # true -> 1
@@ -103,7 +108,8 @@ class Trainer:
         if tc.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.precision = Precision(tc.precision, self.device.type)
-        self.wrapped = parallel.wrap(model, tc, self.env, self.device, self.precision.param_dtype, param_groups)
+        self.wrapped = parallel.wrap(model, tc, self.env, self.device, self.precision.param_dtype, param_groups,
+                                     blocks)  # blocks: the model's repeated blocks (FSDP units); fsdp.resolve_blocks
         self.model, self.compiled = self.wrapped.model, self.wrapped.compiled
         self.setup_notes: list[str] | None = list(self.wrapped.notes)  # logged once train.log exists, then None
 
@@ -116,16 +122,16 @@ class Trainer:
         n = len(self.loaders["train"]) if train_data is not None else 0
         self.train_batches = min(n, self.fast_dev_run) if self.fast_dev_run else limit_batches(n, tc.limit_train_batches)
         self.steps_per_epoch = math.ceil(self.train_batches / tc.accumulate_grad_batches)
-        total = (1 if self.fast_dev_run else tc.max_epochs) * self.steps_per_epoch
-        if tc.max_steps > 0:
-            total = min(total, tc.max_steps) if total > 0 else tc.max_steps
-        self.total_steps = total if train_data is not None else 1  # evaluation only: no schedule to run
+        self.total_steps = run_length(1 if self.fast_dev_run else tc.max_epochs, self.steps_per_epoch, tc.max_steps,
+                                      train_data is not None)
         self.schedule = LRSchedule(self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch, tc.mode)
         self.scaler = self.precision.scaler()
         self.step = TrainStep(self.wrapped, self.forward_fn, self.unpack, self.optimizer, self.scaler,
                               self.precision, self.env, tc, self.device)
         self.stats = RunningStats(self.device, self.env)
-        self.nonfinite = NonFiniteSteps(tc)
+        self.ema = self.step.ema = (EMA(self.model, tc.ema_decay, tc.ema_warmup, self.device) if tc.ema_decay > 0
+                                    else None)
+        self.nonfinite = NonFiniteSteps(tc, self.is_main)
         self.peak_flops = flops.peak_flops(self.device)  # None (no MFU) off known GPUs
         self.flops_per_sample: float | None = None       # counted on the first batch (flops.py)
 
@@ -151,13 +157,12 @@ class Trainer:
         tc, st = self.tc, self.state
         self.callbacks = default_callbacks(tc, self.callbacks, checkpoints=not self.fast_dev_run)
         # every input is checked before the run directory is made: a failed start leaves nothing behind
-        resume, run_dir = rundir.find_resume(tc.resume, tc.out_dir, tc.run_name, self.name)
-        if resume is not None:
-            self.load_checkpoint(resume)
-        elif tc.ckpt_path:
+        candidates, run_dir = rundir.find_resume(tc.resume, tc.out_dir, tc.run_name, self.name)
+        resume = training_state.restore_newest(self, candidates)
+        if resume is None and tc.ckpt_path:
             self.load_checkpoint(tc.ckpt_path, weights_only=True)
             self._note(f"initialised weights from {tc.ckpt_path}")
-        elif tc.resume == "auto":
+        elif resume is None and tc.resume == "auto":
             self._note("trainer.resume=auto: no checkpoint to resume, starting a fresh run")
         self._open_run_dir(run_dir, resuming=resume is not None)
         if resume is not None and self.is_main:
@@ -188,7 +193,7 @@ class Trainer:
                 every = tc.check_val_every_n_epoch
                 if "val" in self.loaders and every > 0 and ((st.epoch + 1) % every == 0 or self._last_epoch(max_epochs)):
                     last_val = self.evaluate("val")
-                    self._check_monitor(last_val)
+                    evaluation.check_monitor(tc.monitor, last_val)
                     self.schedule.on_validation(last_val.get(tc.monitor, math.nan))
                     self._emit("on_validation_end", last_val)
                 self._emit("on_train_epoch_end")
@@ -288,18 +293,15 @@ class Trainer:
         st = self.state
         return st.epoch + 1 >= max_epochs or st.should_stop or 0 < self.tc.max_steps <= st.global_step
 
-    def _check_monitor(self, metrics: dict) -> None:
-        if self.tc.monitor not in metrics:
-            raise ConfigError(f"trainer.monitor={self.tc.monitor!r} is not a validation metric; "
-                              f"available: {', '.join(sorted(metrics))}")
-
     # ---------------------------------------------------------------------------- evaluation
     def evaluate(self, split: str = "val") -> dict[str, float]:
-        """Loss and metrics over the whole split, reduced across ranks (every rank must call)."""
+        """Loss and metrics (on predict_fn's outputs if given) over the split, reduced across ranks; all ranks call."""
         loader = self.loaders[split]
         n = limit_batches(len(loader), self.fast_dev_run or self.tc.limit_val_batches)
-        result = evaluation.evaluate(self.wrapped, loader, n, self.forward_fn, self.unpack, list(self._metric_factory()),
-                                     self.precision, self.device, self.env, split)
+        with self.ema.applied() if self.ema else contextlib.nullcontext():  # the averaged weights, when on
+            result = evaluation.evaluate(self.wrapped, loader, n, self.forward_fn, self.unpack,
+                                         list(self._metric_factory()), self.precision, self.device, self.env, split,
+                                         self.predict_fn, self.loss_from_predict)
         self._log_row({"step": self.state.global_step, "epoch": self.state.epoch, "split": split,
                        **{k.split("/", 1)[1]: v for k, v in result.items()}})
         return result
@@ -314,7 +316,7 @@ class Trainer:
             self.load_checkpoint(ckpt_path, weights_only=True)
             self._note(f"loaded weights from {ckpt_path}")
         if not self.loggers:
-            self._open_run_dir(None, resuming=True)
+            self._open_run_dir(None, resuming=True, evaluation=True)
             self._start_loggers()
         try:
             return self.evaluate(split)
@@ -336,11 +338,11 @@ class Trainer:
                        f"batch {st.batch_in_epoch} of the epoch")
 
     # ------------------------------------------------------------------ run directory, loggers
-    def _open_run_dir(self, run_dir: Path | None, resuming: bool) -> None:
-        tc = self.tc
-        if run_dir is None:
-            run_dir = Path(tc.out_dir) / (tc.run_name or dist.broadcast_object(
-                f"{self.name}_{time.strftime('%Y%m%d_%H%M%S')}"))
+    def _open_run_dir(self, run_dir: Path | None, resuming: bool, evaluation: bool = False) -> None:
+        tc, stamp = self.tc, dist.broadcast_object(time.strftime("%Y%m%d_%H%M%S"))
+        run_dir = run_dir or Path(tc.out_dir) / (tc.run_name or f"{self.name}_{stamp}")
+        if evaluation and dist.broadcast_object(self.is_main and rundir.holds_run(run_dir)):
+            run_dir = run_dir / f"test_{stamp}"  # evaluating a trained run: its own files stay as they are
         self.state.run_dir = run_dir
         self.lock = rundir.open_run_dir(run_dir, dump_yaml(self.cfg), is_main=self.is_main, resuming=resuming,
                                         overwrite=tc.overwrite, resume_auto=tc.resume == "auto", note=self._note)
@@ -380,7 +382,7 @@ class Trainer:
     def export(self) -> Path:
         """model.safetensors (+ config) in the run directory: best.ckpt's weights if any, else the
         final ones. Every rank calls it (FSDP gathers the final weights); rank 0 writes."""
-        final = self.wrapped.state_dict()
+        final = training_state.final_weights(self)  # the averaged ones with EMA on (a collective under FSDP)
         if self.is_main:
             rundir.export(self.state.run_dir, final, {"format": "trainlib", "recipe": self.name,
                                                       "config": dump_yaml(self.cfg)})

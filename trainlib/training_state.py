@@ -14,6 +14,7 @@ from typing import Any
 
 from . import checkpoint, dist, rundir
 from .config import to_dict
+from .ema import with_ema
 from .loggers import log
 from .version import __version__
 
@@ -23,7 +24,9 @@ def capture(trainer: Any, epoch_done: bool) -> dict:
     t, st = trainer, trainer.state
     return {
         "format": checkpoint.FORMAT, "version": __version__,
-        "model": t.wrapped.state_dict(), "optimizer": t.wrapped.optimizer_state(t.optimizer),
+        **t.wrapped.checkpoint_model(),  # "model", and the frozen keys left out (trainer.save_frozen=false)
+        "optimizer": t.wrapped.optimizer_state(t.optimizer),
+        "ema": t.ema.state_dict() if t.ema else None,  # the averaged weights (ema.py), whole
         "schedule": t.schedule.state_dict(), "scaler": t.scaler.state_dict(),
         "epoch": st.epoch, "global_step": st.global_step, "batch_in_epoch": st.batch_in_epoch,
         "epoch_done": epoch_done, "rows_logged": t.rows_logged, "skips": t.nonfinite.state_dict(),
@@ -41,7 +44,9 @@ def save(trainer: Any, path: str | os.PathLike, epoch_done: bool) -> bool:
     every rank) when it did not write. A failed write (full disk) ends every rank with one line;
     the previous file stays."""
     if not trainer.wrapped.weights_finite():
-        log.error(f"not writing {path}: the model has non-finite weights (keeping the previous checkpoint)")
+        kept = ("the previous file is kept" if Path(path).is_file() else
+                "no earlier file to keep: the weights diverged before it was first written; lower optim.lr")
+        log.error(f"not writing {path}: the model has non-finite weights ({kept})")
         return False
     state = capture(trainer, epoch_done)
     error = ""
@@ -61,9 +66,19 @@ def restore(trainer: Any, path: str | os.PathLike, weights_only: bool = False) -
     """The weights, or with weights_only=False everything `capture` saved. Touches no file."""
     t, st, env = trainer, trainer.state, trainer.env
     saved = checkpoint.load(path)
-    t.wrapped.load_state_dict(saved["model"], str(path))
-    if weights_only:
+    left_out = saved.get("frozen_left_out", [])  # keep the model's values: as built (+ trainer.ckpt_path)
+    if weights_only:  # a start or an evaluation: the weights validation chose, i.e. the averaged ones
+        t.wrapped.load_state_dict(with_ema(saved["model"], saved), str(path), left_out)
+        if t.ema:
+            t.ema.reset()
         return
+    if left_out and t.tc.ckpt_path:  # the run started from these weights: its frozen ones come from there
+        restore(trainer, t.tc.ckpt_path, weights_only=True)
+    t.wrapped.load_state_dict(saved["model"], str(path), left_out)
+    if t.ema and saved.get("ema"):
+        t.ema.load_state_dict(saved["ema"], str(path))
+    elif t.ema:  # a file without an average (EMA turned on mid-run) starts one from its weights
+        t.ema.reset()
     t.wrapped.load_optimizer_state(t.optimizer, saved["optimizer"])
     t.schedule.load_state_dict(saved["schedule"])
     t.scaler.load_state_dict(saved["scaler"])
@@ -84,6 +99,20 @@ def restore(trainer: Any, path: str | os.PathLike, weights_only: bool = False) -
                     "random streams restart from the seed (results will differ from an uninterrupted run)")
 
 
+def restore_newest(trainer: Any, candidates: list) -> Any:
+    """Resume from the newest of `candidates` that can be read (an unreadable one is named, and the
+    next newest is tried); None when there is none."""
+    for i, path in enumerate(candidates):
+        try:
+            trainer.load_checkpoint(path)
+            return path
+        except checkpoint.CheckpointError as e:
+            if i + 1 == len(candidates):
+                raise
+            log.warning(f"{e}; resuming from the next newest checkpoint, {candidates[i + 1]}")
+    return None
+
+
 def keep_a_checkpoint(trainer: Any) -> None:
     """After a non-finite stop: the run's newest checkpoint (written before the problem) stays as
     it is; a run with none yet gets last.ckpt of its current weights, which only took finite steps."""
@@ -95,3 +124,11 @@ def keep_a_checkpoint(trainer: Any) -> None:
     last = st.run_dir / "checkpoints" / "last.ckpt"
     if save(trainer, last, epoch_done=False):
         log.info(f"wrote {last} from the last finite weights (step {st.global_step})")
+
+
+def final_weights(trainer: Any) -> dict:
+    """The weights a run ends with, for export: the averaged ones with EMA on. Every rank calls it
+    (a collective under FSDP); rank 0 gets the whole state."""
+    final = trainer.wrapped.state_dict()
+    averaged = trainer.ema.state_dict() if trainer.ema else None
+    return with_ema(final, {"ema": averaged}) if trainer.is_main else final
