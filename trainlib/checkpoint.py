@@ -110,3 +110,20 @@ def export_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, 
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(weights, metadata) of an exported model.safetensors, or CheckpointError naming the file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        return load_file(str(path)), meta
+    except Exception as e:  # an empty, truncated or foreign file
+        raise CheckpointError(f"cannot read {path}: not a complete safetensors file "
+                              f"({type(e).__name__}: {str(e)[:200]})") from None

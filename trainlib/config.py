@@ -305,6 +305,7 @@ class Config:
     data: Any = field(default_factory=DataConfig)
     model: Any = None
     recipe: str = opt("", "the recipe this config belongs to (set by the recipe; YAML files may name it)")
+    stage: str = opt("", "a recipe with stages: the stage to run, or all (the default) for every one in order")
 
 
 # --------------------------------------------------------------------------------------------

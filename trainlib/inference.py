@@ -33,16 +33,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise checkpoint.CheckpointError(f"nothing to load at {path} (expected a run directory, "
                                          f"a model.safetensors or a .ckpt file)")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-            weights = load_file(str(path))
-        except Exception as e:  # an empty, truncated or foreign file
-            raise checkpoint.CheckpointError(f"cannot read {path}: not a complete safetensors file "
-                                             f"({type(e).__name__}: {str(e)[:200]})") from None
+        weights, meta = checkpoint.read_safetensors(path)
         config = yaml.safe_load(meta.get("config", "")) or {}
         return weights, config
     state = checkpoint.load(path)

@@ -25,6 +25,8 @@ from typing import Any, Callable, Optional, Sequence
 from . import dist
 from .preemption import Preempted
 from .rundir import disk_error
+from .stages import Stage, freeze_except, run_stages
+from .stages import select as select_stages
 from .config import (Config, ConfigError, DataConfig, DataError, UserError, apply_dict, help_text, read_yaml,
                      set_value, to_dict, validate)
 
@@ -51,6 +53,7 @@ class Recipe:
     param_groups: Optional[Callable[[Any, Any], list]] = None  # (model, cfg) -> torch param groups
     blocks: Optional[Callable[[Any], list]] = None           # (model) -> its repeated blocks (submodules or dotted
     #                                        names, e.g. the transformer layers): the FSDP units (trainlib/fsdp.py)
+    stages: list[Stage] = field(default_factory=list)        # named stages (trainlib/stages.py); stage=NAME|all
     callbacks: Optional[Callable[[Any], list]] = None        # (cfg) -> [Callback, ...]
     description: str = ""
     search_space: Optional[Callable[[Any], dict]] = None     # (optuna trial) -> {config key: value}; launch/hyperopt.py
@@ -241,9 +244,9 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], bool]
     return config_path, pairs, want_help
 
 
-def build_config(recipe: Recipe, argv: list[str]) -> tuple[Config, bool, bool]:
-    """-> (config, help wanted, synthetic demo). Order: code defaults < recipe defaults <
-    demo settings (only without data.root) < YAML file < command line."""
+def build_config(recipe: Recipe, argv: list[str], stage: Stage | None = None) -> tuple[Config, bool, bool]:
+    """-> (config, help wanted, synthetic demo). Order: code defaults < recipe defaults < the
+    stage's overrides < demo settings (only without data.root) < YAML file < command line."""
     config_path, pairs, want_help = parse_cli(argv)
     ref = recipe_ref(recipe)
     for k, v in pairs:
@@ -258,12 +261,16 @@ def build_config(recipe: Recipe, argv: list[str]) -> tuple[Config, bool, bool]:
                               f"run it with python -m {_module_of(str(named))} --config {config_path}, or pass "
                               f"a config file of recipe {recipe.name}")
     cfg, demo = make_config(recipe, file_data, config_path or "", [(k, v) for k, v in pairs if k != "recipe"],
-                            want_help)
+                            want_help, stage)
+    if cfg.stage and not recipe.stages:
+        raise ConfigError(f"stage={cfg.stage}: recipe {recipe.name} has no stages")
+    if recipe.stages:
+        select_stages(recipe.stages, cfg.stage)  # a stage name that does not exist fails here
     return cfg, want_help, demo
 
 
 def make_config(recipe: Recipe, file_data: dict, source: str, pairs: list[tuple[str, Any]],
-                want_help: bool = False) -> tuple[Config, bool]:
+                want_help: bool = False, stage: Stage | None = None) -> tuple[Config, bool]:
     """-> (config, synthetic demo) from a config file's mapping (already read, without its `recipe:`;
     `source` names the file in errors) and `key=value` pairs, in build_config's order. The Optuna
     search calls it too, with the file's `hpo:` section taken out."""
@@ -276,7 +283,7 @@ def make_config(recipe: Recipe, file_data: dict, source: str, pairs: list[tuple[
 
     def fresh() -> Config:
         cfg = Config(model=recipe.model_config(), data=recipe.data_config(), recipe=ref)
-        for k, v in recipe.defaults.items():
+        for k, v in {**recipe.defaults, **(stage.overrides if stage else {})}.items():
             set_value(cfg, k, v)
         return cfg
 
@@ -345,10 +352,11 @@ def prepare_synthetic(recipe: Recipe, cfg: Config) -> None:
               flush=True)
 
 
-def run(recipe: Recipe, cfg: Config, demo: bool = False, *, callbacks: Sequence[Any] = (),
-        datasets_hook: Optional[Callable[[dict], dict]] = None) -> dict[str, float]:
-    """Build everything from a resolved config and train (or test). `callbacks` join the recipe's;
-    `datasets_hook(splits) -> splits` may replace the splits (hyperopt: a train subset, train+val)."""
+def build_trainer(recipe: Recipe, cfg: Config, demo: bool = False, *, callbacks: Sequence[Any] = (),
+                  datasets_hook: Optional[Callable[[dict], dict]] = None, trains: list[str] | None = None) -> Any:
+    """The Trainer a resolved config describes: process group, demo data, datasets, model. `callbacks`
+    join the recipe's; `datasets_hook(splits) -> splits` may replace the splits (hyperopt: a train
+    subset, train+val); `trains` (a stage's module prefixes) freezes every other parameter."""
     from .trainer import Trainer
 
     device = dist.pick_device(cfg.trainer.device, dist.env_from_torchrun())
@@ -360,21 +368,22 @@ def run(recipe: Recipe, cfg: Config, demo: bool = False, *, callbacks: Sequence[
         datasets = datasets_hook(datasets)
     dist.seed_everything(cfg.trainer.seed, 0)  # identical, reproducible initial weights on every rank
     model = recipe.build_model(cfg)
-    trainer = Trainer(
-        model, recipe.build_loss(cfg) if recipe.build_loss else recipe.loss, datasets.get("train") if not cfg.trainer.test_only else None,
-        datasets.get("val"), datasets.get("test"), config=cfg,
-        metrics=lambda: recipe.metrics(cfg), forward_fn=recipe.forward, predict_fn=recipe.predict,
-        loss_from_predict=recipe.loss_from_predict,
-        collate_fn=recipe.collate(cfg) if recipe.collate else None,
+    freeze_except(model, trains)
+    return Trainer(
+        model, recipe.build_loss(cfg) if recipe.build_loss else recipe.loss,
+        datasets.get("train") if not cfg.trainer.test_only else None, datasets.get("val"), datasets.get("test"),
+        config=cfg, metrics=lambda: recipe.metrics(cfg), forward_fn=recipe.forward, predict_fn=recipe.predict,
+        loss_from_predict=recipe.loss_from_predict, collate_fn=recipe.collate(cfg) if recipe.collate else None,
         callbacks=[*(recipe.callbacks(cfg) if recipe.callbacks else ()), *callbacks],
         param_groups=recipe.param_groups(model, cfg) if recipe.param_groups else None, name=recipe.name,
         blocks=recipe.blocks)
-    if cfg.trainer.test_only:
-        if not cfg.trainer.ckpt_path:
-            raise ConfigError("trainer.test_only=true needs trainer.ckpt_path=<checkpoint to evaluate>")
-        result = trainer.test(cfg.trainer.ckpt_path)
-    else:
-        result = trainer.fit()
+
+
+def run(recipe: Recipe, cfg: Config, demo: bool = False, *, callbacks: Sequence[Any] = (),
+        datasets_hook: Optional[Callable[[dict], dict]] = None) -> dict[str, float]:
+    """Build the Trainer (build_trainer) and train, or test with trainer.test_only."""
+    trainer = build_trainer(recipe, cfg, demo, callbacks=callbacks, datasets_hook=datasets_hook)
+    result = trainer.test(cfg.trainer.ckpt_path) if cfg.trainer.test_only else trainer.fit()
     if dist.rank() == 0:
         shown = "  ".join(f"{k}={v:.4f}" for k, v in result.items())
         print(f"[trainlib] final: {shown}  (run directory: {trainer.run_dir})", flush=True)
@@ -460,6 +469,9 @@ def main(recipe: Recipe, argv: list[str] | None = None) -> int:
         if want_help:
             print(USAGE.format(module=_module_of(cfg.recipe), description=recipe.description) + help_text(cfg))
             return
-        run(recipe, cfg, demo)
+        if recipe.stages and not cfg.trainer.test_only:
+            run_stages(recipe, argv, cfg, build_config, build_trainer)
+        else:
+            run(recipe, cfg, demo)
 
     return guarded(body)

@@ -65,6 +65,14 @@ def save(trainer: Any, path: str | os.PathLike, epoch_done: bool) -> bool:
 def restore(trainer: Any, path: str | os.PathLike, weights_only: bool = False) -> None:
     """The weights, or with weights_only=False everything `capture` saved. Touches no file."""
     t, st, env = trainer, trainer.state, trainer.env
+    if str(path).endswith(".safetensors"):  # exported weights (a previous stage's final ones): a start only
+        if not weights_only:
+            raise checkpoint.CheckpointError(f"trainer.resume={path}: a weights file cannot resume a run (no "
+                                             "optimizer or loop state); use it as trainer.ckpt_path")
+        t.wrapped.load_state_dict(checkpoint.read_safetensors(path)[0], str(path))
+        if t.ema:
+            t.ema.reset()
+        return
     saved = checkpoint.load(path)
     left_out = saved.get("frozen_left_out", [])  # keep the model's values: as built (+ trainer.ckpt_path)
     if weights_only:  # a start or an evaluation: the weights validation chose, i.e. the averaged ones
