@@ -6,7 +6,9 @@
     python -m launch.hyperopt recipe=mypkg.myrecipe hpo.n_trials=20         # a recipe package of your own
 
 `recipe=` is resolved by trainlib.recipe.find_recipe: a name registered in the `trainlib.recipes`
-entry-point group, or a module path. Everything lives in trainlib/hpo.py; see docs/hyperopt.md and `python -m launch.hyperopt --help`.
+entry-point group, or a module path. The study is trainlib/hpo.py (its search space
+trainlib/search_space.py, its trials trainlib/trials.py); see docs/hyperopt.md and
+`python -m launch.hyperopt --help`.
 """
 import sys
 
