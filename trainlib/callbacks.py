@@ -20,6 +20,9 @@ from .state import TrainState
 
 class Callback:
     key: str = ""
+    # True: runs before ModelCheckpoint, so a file written at an event holds what this callback
+    # decided there (freezing.FreezeSchedule); others run after the built-in callbacks
+    runs_before_checkpoint: bool = False
 
     def on_fit_start(self, state: TrainState) -> None: ...
     def on_train_epoch_start(self, state: TrainState) -> None: ...
@@ -227,12 +230,15 @@ class History(Callback):
 
 def default_callbacks(tc: Any, given: list[Callback], checkpoints: bool) -> list[Callback]:
     """`given` after what every run has: the LR in the log rows, history.json, early stopping (also
-    on a non-finite monitored metric) and, unless a dry run, checkpoints. A given callback of one
-    of these types replaces the built-in one."""
+    on a non-finite monitored metric) and, unless a dry run, checkpoints (given callbacks with
+    runs_before_checkpoint come just before those). A given callback of one of these types
+    replaces the built-in one."""
     out: list[Callback] = [LRMonitor(), History(), EarlyStopping(tc.monitor, tc.mode, tc.early_stop_patience,
                                                                  tc.early_stop_min_delta, check_finite=True)]
+    early = [cb for cb in given if cb.runs_before_checkpoint]
+    out += early
     if checkpoints:
         out.append(ModelCheckpoint(tc.monitor, tc.mode, tc.save_top_k, tc.save_last, tc.ckpt_every_n_steps,
                                    tc.keep_last_k))
     have = {type(cb) for cb in given}
-    return [cb for cb in out if type(cb) not in have] + list(given)
+    return [cb for cb in out if type(cb) not in have or cb in early] + [cb for cb in given if cb not in early]

@@ -8,10 +8,10 @@ Why it is built this way:
   a CUDA graph and adds no host sync; a step that was not applied (non-finite) leaves it as is;
 - it is kept in float32 whatever the parameters' dtype: a 0.999 decay moves a bf16 weight by less
   than its resolution;
-- trainable parameters only (those that require a gradient when the run starts): a frozen
-  pretrained tower would only cost a float32 copy; buffers (BatchNorm statistics) stay the live
-  model's, broadcast from rank 0 before evaluation as without EMA (averaging them per rank would
-  make ranks disagree);
+- trainable parameters only (those that require a gradient when the Trainer is built; a freezing
+  schedule does not change the set, see freezing.py): a frozen pretrained tower would only cost a
+  float32 copy; buffers (BatchNorm statistics) stay the live model's, broadcast from rank 0
+  before evaluation as without EMA (averaging them per rank would make ranks disagree);
 - under FSDP each rank averages its own shards (sharded like the parameters) and a checkpoint
   gathers them whole, like the model: a file resumes under any strategy.
 Validation (hence best/top-k selection), model.safetensors, `trainer.ckpt_path` / test_only and

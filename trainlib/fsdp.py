@@ -187,13 +187,28 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """`state` in optimizer.state_dict()'s layout (as saved by any strategy), sharded like the model."""
+    """`state` in optimizer.state_dict()'s layout (as saved by any strategy), sharded like the model.
+    A parameter the file has no state for (frozen so far: freezing.py) gets none, as in the run that
+    wrote it: the loader first gives every parameter a state (a zero-gradient step), and by default
+    refuses such a file and skips the state of parameters that do not require a gradient now."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     names = _param_names(model, optimizer)
     by_name = {"state": {names[int(i)]: s for i, s in state["state"].items()},
                "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    frozen = [p for p in params if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        set_optimizer_state_dict(model, optimizer, by_name,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    for name, p in zip(names, params):
+        if name not in by_name["state"]:
+            optimizer.state.pop(p, None)
 
 
 def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

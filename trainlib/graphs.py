@@ -183,6 +183,13 @@ class StepGraphs:
                  f"{[list(s) for s, _ in signature(g.static)[0]]} ({self.captured} graph(s))")
         return True
 
+    def reset(self) -> None:
+        """The step is another computation now (freezing.py changed which parameters train, and
+        DDP's reducer): drop every graph; each shape warms up and is captured again."""
+        if self.graphs and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no replay in flight when its graph and pool go
+        self.graphs, self.pool, self.full = {}, None, False
+
     def _disable(self, reason: str) -> None:
         if not self.disabled:
             self.disabled = reason

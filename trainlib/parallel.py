@@ -91,6 +91,18 @@ def _keys_of(model: nn.Module, name: str) -> list[str]:
     return [k for k, p in model.named_parameters(remove_duplicate=False) if p is target]
 
 
+def data_parallel(compiled: nn.Module, device: torch.device, find_unused: bool, use_graphs: bool) -> nn.Module:
+    """DDP around the compiled module. Its reducer takes the parameters that require a gradient at
+    construction: when that set changes, freezing.py builds a new one (its docstring says why)."""
+    ids = [device.index] if device.type == "cuda" else None
+    # whole-step capture needs DDP built on a side stream (PyTorch CUDA-graph notes)
+    with torch.cuda.stream(torch.cuda.Stream(device)) if use_graphs else contextlib.nullcontext():
+        ddp = nn.parallel.DistributedDataParallel(compiled, device_ids=ids, find_unused_parameters=find_unused)
+    if use_graphs:
+        torch.cuda.synchronize(device)
+    return ddp
+
+
 def compile_mode(tc: TrainerConfig) -> str:
     return "default" if tc.compile is True else (tc.compile or "")
 
@@ -134,16 +146,7 @@ def wrap(model: nn.Module, tc: TrainerConfig, env: DistEnv, device: torch.device
         notes.append(f"trainer.save_frozen=false: {len(frozen)} frozen parameter(s) left out of checkpoints "
                      f"(model.safetensors stays complete)")
     compiled = torch.compile(model, mode=None if mode == "default" else mode) if mode else model
-    train_module: nn.Module = compiled
-    if ddp:
-        ids = [device.index] if device.type == "cuda" else None
-        # whole-step capture needs DDP built on a side stream (PyTorch CUDA-graph notes)
-        side = torch.cuda.stream(torch.cuda.Stream(device)) if use_graphs else contextlib.nullcontext()
-        with side:
-            train_module = nn.parallel.DistributedDataParallel(compiled, device_ids=ids,
-                                                               find_unused_parameters=tc.find_unused_parameters)
-        if use_graphs:
-            torch.cuda.synchronize(device)
+    train_module = data_parallel(compiled, device, tc.find_unused_parameters, use_graphs) if ddp else compiled
     marks = mode in ("reduce-overhead", "max-autotune") and device.type == "cuda"
     return Wrapped(model, compiled, train_module, ddp, sharded, use_graphs, marks, param_groups, notes,
                    [n for n, _ in planned or ()], frozen)

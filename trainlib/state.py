@@ -1,5 +1,6 @@
-"""What callbacks see: where the loop is, the model and optimizer, and the two things a callback
-may ask for (stop the run; save a checkpoint). Callbacks get this object, never the Trainer."""
+"""What callbacks see: where the loop is, the model and optimizer, and the three things a callback
+may ask for (stop the run; save a checkpoint; change which parameters train). Callbacks get this
+object, never the Trainer."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ class TrainState:
     train_metrics: dict[str, float] = field(default_factory=dict)  # the last epoch's, e.g. train/loss
     save: Callable[..., bool] = lambda path, epoch_done=None: False  # set by the Trainer
     current_lrs: Callable[[], list[float]] = list                    # set by the Trainer
+    change_trainable: Callable[[dict, str], list[str]] = lambda changes, event: []  # set by the Trainer
+    event: str = ""                          # the callback event being dispatched ("" between events)
 
     @property
     def is_main(self) -> bool:
@@ -48,3 +51,19 @@ class TrainState:
         """Every rank calls it (a collective); rank 0 writes atomically. False (on every rank)
         when it declined to write (non-finite weights)."""
         return self.save(path, epoch_done)
+
+    def set_trainable(self, changes: dict[str, bool]) -> list[str]:
+        """Train (True) or freeze (False) the parameters of named modules: dotted names as in
+        `model.named_modules()` (or one parameter's name); where names nest the longer one wins,
+        e.g. {"backbone": False, "backbone.layer4": True}. Call it on every rank, from
+        on_fit_start, on_train_epoch_start, on_validation_end or on_train_epoch_end, with a
+        decision taken from values identical on every rank (the epoch, reduced metrics). Returns
+        the names of the parameters that changed. Optimizer state, DDP, FSDP, CUDA graphs, EMA:
+        see freezing.py."""
+        return self.change_trainable(dict(changes), self.event)
+
+    def freeze(self, *names: str) -> list[str]:
+        return self.set_trainable(dict.fromkeys(names, False))
+
+    def unfreeze(self, *names: str) -> list[str]:
+        return self.set_trainable(dict.fromkeys(names, True))

@@ -17,7 +17,7 @@ modules: wrapping the model (parallel.py), one optimizer step (step.py), the log
       on_fit_start(state)
       for epoch in range(max_epochs):
           sampler.set_epoch(epoch)                        # always, on every rank
-          on_train_epoch_start(state)
+          on_train_epoch_start(state)                     # freezing.FreezeSchedule: state.set_trainable
           for each window of accumulate_grad_batches micro-batches:
               step(window)     forward/backward (DDP/FSDP sync on the last micro-batch), normalise
                                by the global weight, non-finite check, clip, optimizer step
@@ -31,7 +31,7 @@ modules: wrapping the model (parallel.py), one optimizer step (step.py), the log
           if halted (non-finite): keep the last good checkpoint; leave the loop
           if validation epoch:
               metrics = evaluate("val")                   # reduced across ranks
-              on_validation_end(state, metrics)           # best/top-k, early stopping
+              on_validation_end(state, metrics)           # freezing on a plateau, best/top-k, early stopping
           on_train_epoch_end(state)                       # last.ckpt, history.json
           if state.should_stop: break                     # decided from reduced values
       on_fit_end(state)
@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from . import dist, evaluation, flops, parallel, rundir, training_state
+from . import dist, evaluation, flops, freezing, parallel, rundir, training_state
 from .callbacks import Callback, default_callbacks
 from .config import (Config, ConfigError, DataConfig, LogConfig, OptimConfig, TrainerConfig, dump_yaml, parse_duration,
                      to_dict, validate)
@@ -90,8 +90,7 @@ class Trainer:
             trainer=config or TrainerConfig(), optim=optim or OptimConfig(), data=data or DataConfig(),
             log=log_config or LogConfig())
         validate(cfg)  # every key's bounds, before a process group or a run directory exists
-        self.cfg, tc = cfg, cfg.trainer
-        self.tc = tc
+        self.cfg, self.tc, tc = cfg, cfg.trainer, cfg.trainer
         self.name = name or cfg.recipe or "run"  # run folders are <name>_<time> (a recipe's short name)
         self.forward_fn, self.unpack = forward_fn or default_forward, LossUnpacker(loss_fn)
         self.predict_fn, self.loss_from_predict = predict_fn, loss_from_predict  # evaluation.py: why
@@ -137,7 +136,8 @@ class Trainer:
 
         # --- loop state: what callbacks see (state.py) --------------------------------------------
         self.state = TrainState(self.model, self.optimizer, self.env.rank, self.env.world_size, Path(tc.out_dir),
-                                self.train_batches, save=self.save_checkpoint, current_lrs=lambda: self.schedule.lrs)
+                                self.train_batches, save=self.save_checkpoint, current_lrs=lambda: self.schedule.lrs,
+                                change_trainable=lambda changes, event: freezing.set_trainable(self, changes, event))
         self.rows_logged = 0          # rows sent to the loggers; a resume truncates metrics.jsonl to it
         self.signals, self.preempt_signal = SignalFlag(), 0
         self.callbacks: list[Callback] = list(callbacks)
@@ -366,8 +366,10 @@ class Trainer:
                 lg.start(self.state.run_dir, to_dict(self.cfg))
 
     def _emit(self, event: str, *args: Any) -> None:
+        self.state.event = event  # where callbacks run: state.set_trainable checks it (freezing.py)
         for cb in self.callbacks:
             getattr(cb, event)(self.state, *args)
+        self.state.event = ""
 
     def _log_row(self, row: dict) -> None:
         self.rows_logged += 1
@@ -375,9 +377,7 @@ class Trainer:
             for lg in self.loggers:
                 lg.log(row)
 
-    @property
-    def console(self) -> ConsoleLogger | None:
-        return next((lg for lg in self.loggers if isinstance(lg, ConsoleLogger)), None)
+    console = property(lambda self: next((lg for lg in self.loggers if isinstance(lg, ConsoleLogger)), None))
 
     def export(self) -> Path:
         """model.safetensors (+ config) in the run directory: best.ckpt's weights if any, else the
