@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_bytes, fsync_dir
+from .metrics import improved
 from .state import TrainState
 
 
@@ -36,12 +37,6 @@ class Callback:
         return {}
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
-    if best is None:
-        return True
-    return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
 class ModelCheckpoint(Callback):

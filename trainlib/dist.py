@@ -51,17 +51,24 @@ def pick_device(spec: str, env: DistEnv) -> torch.device:
     return torch.device(spec)
 
 
+def group_options(device: torch.device, timeout_s: float) -> dict[str, Any]:
+    """init_process_group's backend (gloo on CPU, NCCL on GPU), timeout and device; sets the CUDA
+    device. The one place both the run's group and the Optuna study's renewable group come from."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # TRAINLIB_DIST_BACKEND=gloo lets several processes share one GPU (NCCL refuses that): tests
+    backend = os.environ.get("TRAINLIB_DIST_BACKEND") or ("nccl" if device.type == "cuda" else "gloo")
+    kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
+    if backend == "nccl":
+        kwargs["device_id"] = device
+    return kwargs
+
+
 def init(device: torch.device, timeout_s: float) -> DistEnv:
-    """Join the torchrun process group (gloo on CPU, NCCL on GPU); no-op for one process."""
+    """Join the torchrun process group; no-op for one process."""
     env = env_from_torchrun()
     if env.world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        # TRAINLIB_DIST_BACKEND=gloo lets several processes share one GPU (NCCL refuses that): tests
-        backend = os.environ.get("TRAINLIB_DIST_BACKEND") or ("nccl" if device.type == "cuda" else "gloo")
-        kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
-        if backend == "nccl":
-            kwargs["device_id"] = device
+        kwargs = group_options(device, timeout_s)
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
         if restart not in (None, "0"):
             # An elastic restart: keep this attempt's keys apart from those the dead attempt left in

@@ -49,7 +49,8 @@ import math
 from typing import Any, Sequence
 
 from . import dist, parallel
-from .callbacks import Callback, improved
+from .callbacks import Callback
+from .metrics import improved
 from .config import ConfigError
 from .loggers import log
 from .state import TrainState

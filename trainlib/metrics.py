@@ -23,6 +23,14 @@ import torch
 import torch.distributed as dist
 
 
+def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether `value` beats `best` (None: nothing yet) by more than `min_delta` in `mode` (min|max):
+    the one rule early stopping, best/top-k checkpoints, plateau schedules and hyperopt share."""
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

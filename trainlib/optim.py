@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import torch
 
 from .config import ConfigError, OptimConfig
+from .metrics import improved
 
 
 def build_optimizer(params: Iterable[Any], cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -106,8 +107,7 @@ class LRSchedule:
         """Plateau: decay after `plateau_patience` validations without improvement."""
         if self.cfg.scheduler != "plateau" or not math.isfinite(value):
             return
-        better = self.plateau_best is None or (value < self.plateau_best if self.mode == "min" else value > self.plateau_best)
-        if better:
+        if improved(value, self.plateau_best, self.mode):
             self.plateau_best, self.plateau_bad = value, 0
             return
         self.plateau_bad += 1

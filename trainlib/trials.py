@@ -33,6 +33,7 @@ import torch.distributed as torch_dist
 
 from . import dist
 from .callbacks import Callback
+from .metrics import improved
 from .preemption import Preempted
 from .recipe import _peer_failure, run
 from .search_space import apply_params
@@ -80,14 +81,9 @@ class StudyGroup:
             self._init()
 
     def _init(self) -> None:
-        kwargs: dict[str, Any] = {
-            "backend": "nccl" if self.device.type == "cuda" else "gloo",
-            "store": torch_dist.PrefixStore(f"group_{self.generation}", self.store),
-            "rank": self.env.rank, "world_size": self.env.world_size, "timeout": self.timeout}
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-            kwargs["device_id"] = self.device
-        torch_dist.init_process_group(**kwargs)
+        torch_dist.init_process_group(**dist.group_options(self.device, self.timeout.total_seconds()),
+                                      store=torch_dist.PrefixStore(f"group_{self.generation}", self.store),
+                                      rank=self.env.rank, world_size=self.env.world_size)
 
     def abandon(self) -> None:
         """This rank failed inside a trial: close the group so no peer waits for it. Gloo closes its
@@ -159,8 +155,7 @@ class TrialMonitor(Callback):
         value = float(metrics[self.metric])
         self.validations += 1
         self.last = value
-        if math.isfinite(value) and (self.best is None or (value > self.best if self.direction == "maximize"
-                                                           else value < self.best)):
+        if math.isfinite(value) and improved(value, self.best, "max" if self.direction == "maximize" else "min"):
             self.best, self.best_epoch = value, trainer.epoch
         prune = False
         if self.trial is not None and math.isfinite(value):  # rank 0
