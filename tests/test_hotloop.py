@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import Dataset, TensorDataset
 
 from tests.conftest import torchrun
@@ -38,6 +39,30 @@ class _SyncSpy(TorchFunctionMode):
             self.hits.append((name, "".join(traceback.format_stack(limit=6)[:-1])))
         return func(*args, **(kwargs or {}))
 
+    def __enter__(self):
+        self._aten = _AtenSyncSpy(self).__enter__()  # syncs inside C++ ops (a 0-d tensor read as a Scalar)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        out = super().__exit__(*exc)
+        self._aten.__exit__(*exc)
+        return out
+
+
+class _AtenSyncSpy(TorchDispatchMode):
+    """aten._local_scalar_dense is what every tensor->host read becomes below Python: also the ones an
+    operator does itself (e.g. a foreach op given a 0-d tensor where it takes a number)."""
+
+    def __init__(self, spy: _SyncSpy) -> None:
+        super().__init__()
+        self.spy = spy
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.spy.armed and func is torch.ops.aten._local_scalar_dense.default:
+            import traceback
+            self.spy.hits.append(("aten._local_scalar_dense", "".join(traceback.format_stack(limit=8)[:-1])))
+        return func(*args, **(kwargs or {}))
+
 
 class _Arm(Callback):
     """Arms the spy after each non-final step of an epoch; the logging step's first act (stats.fold) disarms it."""
@@ -51,7 +76,8 @@ class _Arm(Callback):
 
 @pytest.mark.parametrize("graphed", [False, True])
 @pytest.mark.parametrize("extra", [[], ["trainer.accumulate_grad_batches=2", "trainer.nonfinite=skip",
-                                        "trainer.grad_clip=1.0", "optim.name=adamw", "optim.scheduler=cosine"]])
+                                        "trainer.grad_clip=1.0", "optim.name=adamw", "optim.scheduler=cosine",
+                                        "trainer.ema_decay=0.9", "trainer.ema_warmup=true"]])
 def test_no_host_sync_outside_logging_steps(tmp_path, extra, graphed, monkeypatch):
     spy = _SyncSpy()
     t = make_trainer([f"trainer.out_dir={tmp_path}", "trainer.max_epochs=2", "log.every_n_steps=5",

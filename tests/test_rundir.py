@@ -304,3 +304,33 @@ def test_small_faults_are_one_clear_error(tmp_path, monkeypatch):
         trainlib.load_model(empty, model=torch.nn.Linear(2, 1))
     with pytest.raises(ConfigError, match="config key 'trainer.run_name': expected a folder name"):
         make_trainer([f"trainer.out_dir={tmp_path}", "trainer.run_name=../escape"])
+
+
+def test_a_resume_never_writes_into_another_run(tmp_path):
+    train(tmp_path, "trainer.run_name=a", "trainer.max_epochs=2")
+    train(tmp_path, "trainer.run_name=b", "trainer.max_epochs=1")
+    before = files(tmp_path / "b")
+    with pytest.raises(ConfigError, match=f"run directory {tmp_path / 'b'} already holds a run"):
+        train(tmp_path, "trainer.run_name=b", f"trainer.resume={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
+              "trainer.max_epochs=3")
+    assert files(tmp_path / "b") == before
+
+
+def test_an_elastic_restart_never_deletes_checkpoints(tmp_path, monkeypatch):
+    train(tmp_path, "trainer.run_name=r", "trainer.max_epochs=1")
+    run = tmp_path / "r"
+    before = files(run)
+    write_lock(run, pid=dead_pid(), job="job-8")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-8")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(ConfigError, match="already holds a run; continue it with trainer.resume=auto"):
+        train(tmp_path, "trainer.run_name=r", "trainer.max_epochs=1")
+    assert files(run) == before
+
+
+def test_max_steps_between_logging_steps_still_logs_them(tmp_path):
+    t = train(tmp_path, "trainer.run_name=m", "trainer.max_steps=5", "log.every_n_steps=10")
+    rows = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert t.global_step == 5 and [r["step"] for r in rows if r["split"] == "train"] == [5]
+    with pytest.raises(ConfigError, match="config key 'log.loggers': expected any of console, jsonl, tensorboard"):
+        train(tmp_path, "trainer.run_name=x", "log.loggers=[tensorbord]")

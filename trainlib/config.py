@@ -109,6 +109,7 @@ def rule(expected: str, ok: Callable[[Any], bool]) -> Callable[[Any], str]:
     return check
 
 
+LOGGERS = ("console", "jsonl", "tensorboard", "wandb")  # loggers.py builds them
 _COUNT_OR_ALL = rule("a count >= 0, or -1 for all", lambda v: v >= -1)
 
 
@@ -274,7 +275,9 @@ class OptimConfig:
 
 @dataclass
 class LogConfig:
-    loggers: list[str] = opt(["console", "jsonl"], "any of console, jsonl, tensorboard, wandb (jsonl is always on)")
+    loggers: list[str] = opt(["console", "jsonl"], "any of console, jsonl, tensorboard, wandb (jsonl is always on)",
+                             check=rule(f"any of {', '.join(LOGGERS)} (or both: tensorboard and wandb)",
+                                        lambda v: all(n in (*LOGGERS, "both") for n in v)))
     every_n_steps: int = opt(10, "log training metrics every n optimizer steps (the only host syncs in the loop)", ge=1)
     progress_bar: bool = opt(True, "tqdm progress bar on rank 0 (console logger)")
     wandb_project: str = opt("trainlib", "wandb project")

@@ -5,7 +5,9 @@
 
 Why it is built this way:
 - the update is device work at the end of the step (step.py), so it is captured with the step in
-  a CUDA graph and adds no host sync; a step that was not applied (non-finite) leaves it as is;
+  a CUDA graph and adds no host sync (its weight is passed as a tensor list: a 0-d tensor weight
+  would be read on the host); a step that was not applied (non-finite, or an fp16 overflow the
+  GradScaler skipped) leaves it as is;
 - it is kept in float32 whatever the parameters' dtype: a 0.999 decay moves a bf16 weight by less
   than its resolution;
 - trainable parameters only (those that require a gradient when the Trainer is built; a freezing
@@ -44,7 +46,8 @@ class EMA:
         """After the optimizer step; `skipped` is the step's device flag (1: not applied)."""
         applied = 1.0 - skipped
         decay = torch.minimum(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
-        torch._foreach_lerp_(self.shadow, [local(p).detach().float() for p in self.params], (1 - decay) * applied)
+        weight = (1 - decay) * applied  # a tensor list below: a single 0-d tensor weight is read on the host
+        torch._foreach_lerp_(self.shadow, [local(p).detach().float() for p in self.params], [weight] * len(self.shadow))
         self.updates += applied
 
     @torch.no_grad()

@@ -99,14 +99,14 @@ def set_trainable(trainer: Any, changes: dict[str, bool], event: str) -> list[st
                           f"({', '.join(EVENTS)}), where every rank is at the same point and a resumed run can apply "
                           "the change again")
     model, params = t.model, dict(t.model.named_parameters())
-    target = resolve(model, changes)
-    if t.env.distributed:
+    if t.env.distributed:  # agree first: a bad name must fail on every rank, not hang the others in the gather
         request = sorted(changes.items())
         asked = dist.all_gather_object(request)
         if any(a != request for a in asked):
             raise ConfigError(f"set_trainable: the ranks asked for different changes at epoch {t.state.epoch} "
                               f"({event}): " + "; ".join(f"rank {r}: {dict(a)}" for r, a in enumerate(asked)) +
                               ". Decide from values identical on every rank (the epoch, reduced validation metrics)")
+    target = resolve(model, changes)
     unfreeze = [n for n, train in target.items() if train and not params[n].requires_grad]
     freeze = [n for n, train in target.items() if not train and params[n].requires_grad]
     _check_unfreezable(t, [(n, params[n]) for n in unfreeze])

@@ -49,6 +49,7 @@ from .recipe import (ENGINE_ALIASES, _is_recipe, available_recipes, find_recipe,
                      recipe_ref, run)
 from .search_space import apply_params, check_space, default_space, draw_params, probe_search_space, sample_space
 from .study_setup import HPO_ALIASES, HPOConfig, HPOSection, Setup, StudyError
+from .rundir import holds_run
 from .trials import StudyGroup, TrialMonitor, cleanup_trial, combine, run_trial, wandb_group
 from .trials import trial_config  # noqa: F401 - importable from here, as before the split
 
@@ -405,9 +406,7 @@ def check_final_free(s: Setup) -> None:
     """The final training always runs in <study>/final (run_name is forced), so the trainer's advice for
     an occupied run directory (another trainer.run_name) cannot work here: say what does, at start."""
     final, t, h = s.study_dir / "final", s.cfg.trainer, s.hpo
-    metrics = final / "metrics.jsonl"
-    held = ((metrics.is_file() and metrics.stat().st_size > 0) or (final / "model.safetensors").exists()
-            or any((final / "checkpoints").glob("*.ckpt")))
+    held = holds_run(final)
     # a new in-memory study refuses a folder with trials anyway, with its own advice (open_study)
     other = not h.storage and not h.skip_hyperopt and any(s.study_dir.glob("trial_*"))
     if dist.broadcast_object(held and not (t.overwrite or t.resume or other)):  # rank 0 decides for all

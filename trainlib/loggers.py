@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, LogConfig
+from .config import LOGGERS, ConfigError, LogConfig
 
 log = logging.getLogger("trainlib")
 
@@ -148,7 +148,7 @@ class WandbLogger(Logger):
         self.run.finish()
 
 
-KNOWN = ("console", "jsonl", "tensorboard", "wandb")
+KNOWN = LOGGERS
 
 
 def build_loggers(cfg: LogConfig, run_name: str) -> list[Logger]:

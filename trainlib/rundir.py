@@ -213,7 +213,7 @@ def open_run_dir(run_dir: Path, config_yaml: str, *, is_main: bool, resuming: bo
             if taken:
                 note(taken)
             if not resuming and holds_run(run_dir):
-                if lock.same_job_restart():
+                if lock.same_job_restart() and not checkpoints_newest_first(run_dir):
                     note("an earlier attempt of this job wrote this run directory and died before its first "
                          "checkpoint: starting over")
                     clear_run_files(run_dir)
@@ -235,10 +235,10 @@ def open_run_dir(run_dir: Path, config_yaml: str, *, is_main: bool, resuming: bo
         except OSError as e:
             problem = ("disk", str(disk_error(e, f"the run directory {run_dir}")))
         if problem is not None:
+            if created and lock is not None and lock.fd is not None:  # only what this call made, and only
+                shutil.rmtree(run_dir, ignore_errors=True)         # while holding it (not a racing winner's)
             if lock is not None:
                 lock.release()
-            if created:  # only what this call made
-                shutil.rmtree(run_dir, ignore_errors=True)
     problem = dist.broadcast_object(problem)
     if problem is not None:
         raise (ConfigError if problem[0] == "config" else RunDirError)(problem[1])

@@ -60,14 +60,14 @@ def freeze_except(model: nn.Module, trains: list[str] | None) -> None:
         p.requires_grad_(any(n == t or n.startswith(t + ".") for t in trains))
 
 
-def _base_dir(cfg: Any, recipe_name: str) -> Path:
+def _base_dir(cfg: Any, recipe_name: str, stages: list[str]) -> Path:
     """The run's folder: trainer.run_name, or with resume=auto the newest <recipe>_* run that has a
     stage folder, or a new <recipe>_<time> (the same on every rank)."""
     out, tc = Path(cfg.trainer.out_dir), cfg.trainer
     if tc.run_name:
         return out / tc.run_name
     if tc.resume == "auto":
-        runs = [r for r in out.glob(f"{recipe_name}_*") if any(p.is_dir() for p in r.iterdir())]
+        runs = [r for r in out.glob(f"{recipe_name}_*") if r.is_dir() and any((r / s).is_dir() for s in stages)]
         if runs:
             return dist.broadcast_object(max(runs, key=lambda r: r.stat().st_mtime))
     return out / dist.broadcast_object(f"{recipe_name}_{time.strftime('%Y%m%d_%H%M%S')}")
@@ -76,7 +76,8 @@ def _base_dir(cfg: Any, recipe_name: str) -> Path:
 def run_stages(recipe: Any, argv: list[str], cfg: Any, build_config: Callable, build_trainer: Callable) -> dict:
     """Run the stages `cfg.stage` names, each from its own config (`build_config(recipe, argv,
     stage=...)`) and Trainer (`build_trainer(recipe, cfg, demo, trains=...)`)."""
-    base, order = _base_dir(cfg, recipe.name), [s.name for s in recipe.stages]
+    order = [s.name for s in recipe.stages]
+    base = _base_dir(cfg, recipe.name, order)
     chosen = select(recipe.stages, cfg.stage)
     result: dict = {}
     for i, stage in enumerate(chosen):

@@ -165,9 +165,12 @@ class TrainStep:
             elif self.wrapped.sharded:  # each rank checked its own shards: the verdict must be global
                 torch_dist.all_reduce(found, op=torch_dist.ReduceOp.MAX)
             bad = torch.maximum(bad, found.reshape(()))
+        not_applied = bad
         if scaler:
-            for inf in scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values():
+            infs = list(scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values())
+            for inf in infs:
                 inf.copy_(torch.maximum(inf, bad.to(inf.device)))  # a non-finite loss skips the step too
+            not_applied = torch.stack([inf.to(bad.device).reshape(()) for inf in infs]).max()  # + overflow skips
             scaler.step(self.optimizer)
             scaler.update()
         elif self.device_skip:
@@ -177,5 +180,5 @@ class TrainStep:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(bad)
+            self.ema.update(not_applied)
         return bad

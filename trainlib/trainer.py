@@ -96,8 +96,7 @@ class Trainer:
         self.predict_fn, self.loss_from_predict = predict_fn, loss_from_predict  # evaluation.py: why
         self._metric_factory = metrics if callable(metrics) else (lambda m=metrics or []: m)
         self.datasets = {"train": train_data, "val": val_data, "test": test_data}
-        self.fast_dev_run = int(tc.fast_dev_run)  # true -> 1
-        self.max_seconds = parse_duration(tc.max_time)
+        self.fast_dev_run, self.max_seconds = int(tc.fast_dev_run), parse_duration(tc.max_time)  # (true -> 1)
 
         # --- process group, seeds, the model wrapped for the run (parallel.py) ---------------------
         self.device = dist.pick_device(tc.device, dist.env_from_torchrun())
@@ -164,7 +163,7 @@ class Trainer:
             self._note(f"initialised weights from {tc.ckpt_path}")
         elif resume is None and tc.resume == "auto":
             self._note("trainer.resume=auto: no checkpoint to resume, starting a fresh run")
-        self._open_run_dir(run_dir, resuming=resume is not None)
+        self._open_run_dir(run_dir, resume)
         if resume is not None and self.is_main:
             rundir.truncate_lines(st.run_dir / "metrics.jsonl", self.rows_logged)  # rows after the checkpoint go
         self._start_loggers()
@@ -253,7 +252,7 @@ class Trainer:
             st.batch_in_epoch = i
             steps_since_log += 1
 
-            if st.global_step % every == 0 or i == n:
+            if st.global_step % every == 0 or i == n or st.global_step == tc.max_steps:
                 # Logging step: the only host syncs of the loop (one all-reduce, one .tolist()).
                 over_time = math.isfinite(self.max_seconds) and time.time() - t_start >= self.max_seconds
                 stats, flags = self.stats.window(signal=self.signals.signum, over_time=over_time)
@@ -316,7 +315,7 @@ class Trainer:
             self.load_checkpoint(ckpt_path, weights_only=True)
             self._note(f"loaded weights from {ckpt_path}")
         if not self.loggers:
-            self._open_run_dir(None, resuming=True, evaluation=True)
+            self._open_run_dir(None, None, evaluation=True)
             self._start_loggers()
         try:
             return self.evaluate(split)
@@ -338,12 +337,13 @@ class Trainer:
                        f"batch {st.batch_in_epoch} of the epoch")
 
     # ------------------------------------------------------------------ run directory, loggers
-    def _open_run_dir(self, run_dir: Path | None, resuming: bool, evaluation: bool = False) -> None:
+    def _open_run_dir(self, run_dir: Path | None, resume: Path | None, evaluation: bool = False) -> None:
         tc, stamp = self.tc, dist.broadcast_object(time.strftime("%Y%m%d_%H%M%S"))
         run_dir = run_dir or Path(tc.out_dir) / (tc.run_name or f"{self.name}_{stamp}")
         if evaluation and dist.broadcast_object(self.is_main and rundir.holds_run(run_dir)):
             run_dir = run_dir / f"test_{stamp}"  # evaluating a trained run: its own files stay as they are
         self.state.run_dir = run_dir
+        resuming = resume is not None and Path(resume).resolve().parent.parent == run_dir.resolve()  # (not another's)
         self.lock = rundir.open_run_dir(run_dir, dump_yaml(self.cfg), is_main=self.is_main, resuming=resuming,
                                         overwrite=tc.overwrite, resume_auto=tc.resume == "auto", note=self._note)
         setup_text_log(run_dir, self.is_main)
