@@ -148,9 +148,14 @@ def validate(cfg: Any) -> None:
             raise ConfigError(problem)
 
 
+def compile_mode(t: "TrainerConfig") -> str:
+    """trainer.compile as a torch.compile mode ('' = off, true = 'default')."""
+    return "default" if t.compile is True else (t.compile or "")
+
+
 def combination_problem(t: "TrainerConfig", o: "OptimConfig") -> str:
     """Rules that tie keys together (each key alone is in range): '' or what is wrong."""
-    mode = "default" if t.compile is True else (t.compile or "")
+    mode = compile_mode(t)
     if t.cuda_graphs and mode in ("reduce-overhead", "max-autotune"):
         return (f"trainer.compile={mode} already replays CUDA graphs of the compiled regions; with "
                 "trainer.cuda_graphs=true use trainer.compile=true or max-autotune-no-cudagraphs (the whole step "

@@ -115,15 +115,6 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def any_true(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on any rank (host sync: call only at sync points)."""
-    if world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def seed_everything(seed: int, rank: int) -> None:
     """Each rank draws its own random stream (dropout, augmentation) from seed + rank."""
     s = seed + rank

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, fsdp, graphs
-from .config import TrainerConfig
+from .config import TrainerConfig, compile_mode
 from .dist import DistEnv
 from .loggers import log
 
@@ -101,10 +101,6 @@ def data_parallel(compiled: nn.Module, device: torch.device, find_unused: bool, 
     if use_graphs:
         torch.cuda.synchronize(device)
     return ddp
-
-
-def compile_mode(tc: TrainerConfig) -> str:
-    return "default" if tc.compile is True else (tc.compile or "")
 
 
 def wrap(model: nn.Module, tc: TrainerConfig, env: DistEnv, device: torch.device, param_dtype: torch.dtype,

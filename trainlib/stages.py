@@ -24,6 +24,7 @@ from torch import nn
 
 from . import checkpoint, dist, training_state
 from .config import ConfigError, dump_yaml
+from .freezing import resolve
 from .loggers import log
 
 FINAL = "model_final.safetensors"
@@ -48,16 +49,11 @@ def select(stages: list[Stage], wanted: str) -> list[Stage]:
 
 
 def freeze_except(model: nn.Module, trains: list[str] | None) -> None:
-    """Only the parameters under the module-name prefixes in `trains` require a gradient."""
-    if trains is None:
-        return
-    names = [n for n, _ in model.named_parameters()]
-    for prefix in trains:
-        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
-            raise ConfigError(f"stage trains {prefix!r}, which names no parameter of the model "
-                              f"(e.g. {', '.join(names[:4])})")
-    for n, p in model.named_parameters():
-        p.requires_grad_(any(n == t or n.startswith(t + ".") for t in trains))
+    """Only the parameters under the module names in `trains` require a gradient (the same name rule
+    and errors as set_trainable: freezing.resolve)."""
+    if trains is not None:
+        for name, train in resolve(model, {"": False, **dict.fromkeys(trains, True)}).items():
+            model.get_parameter(name).requires_grad_(train)
 
 
 def _base_dir(cfg: Any, recipe_name: str, stages: list[str]) -> Path:

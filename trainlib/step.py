@@ -144,10 +144,10 @@ class TrainStep:
         dev, env = self.device, self.env
         bad = (~torch.isfinite(torch.stack([it[0].float() for it in window]))).any().float()
         total = torch.stack([it[1] for it in window]).sum() if self.normalise else None
-        if env.distributed:  # one device-side reduce; DDP already averaged the gradients over ranks
-            stats = torch.stack([total if total is not None else bad, bad])
+        if env.distributed:  # one device-side reduce (world > 1 always normalises); DDP already averaged the grads
+            stats = torch.stack([total, bad])
             torch_dist.all_reduce(stats)
-            total, bad = (stats[0] if total is not None else None), (stats[1] > 0).float()
+            total, bad = stats[0], (stats[1] > 0).float()
         scaler = self.scaler
         if scaler:
             scaler.unscale_(self.optimizer)  # fp16 overflow is the scaler's to skip (not counted as bad)

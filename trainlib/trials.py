@@ -145,7 +145,7 @@ class TrialMonitor(Callback):
 
     def on_fit_end(self, trainer: Any) -> None:
         # trainer.nonfinite=stop ends the run with this reason (decided from reduced values: same on every rank)
-        if trainer.should_stop and "non-finite" in trainer.stop_reason:
+        if trainer.halted:
             self.nonfinite_loss = True
 
     def on_validation_end(self, trainer: Any, metrics: dict) -> None:
