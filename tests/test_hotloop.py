@@ -74,10 +74,13 @@ class _Arm(Callback):
         self.spy.armed = t.batch_in_epoch < t.train_batches
 
 
-@pytest.mark.parametrize("graphed", [False, True])
-@pytest.mark.parametrize("extra", [[], ["trainer.accumulate_grad_batches=2", "trainer.nonfinite=skip",
-                                        "trainer.grad_clip=1.0", "optim.name=adamw", "optim.scheduler=cosine",
-                                        "trainer.ema_decay=0.9", "trainer.ema_warmup=true"]])
+_FULL = ["trainer.accumulate_grad_batches=2", "trainer.nonfinite=skip", "trainer.grad_clip=1.0", "optim.name=adamw",
+         "optim.scheduler=cosine", "trainer.ema_decay=0.9", "trainer.ema_warmup=true", "trainer.track_grad_norm=2"]
+# oom_recovery runs eagerly (its agreement is host-side, on gloo: no device sync)
+_OOM = ["trainer.oom_recovery=true", "trainer.accumulate_grad_batches=2", "trainer.track_grad_norm=inf"]
+
+
+@pytest.mark.parametrize("extra,graphed", [([], False), ([], True), (_FULL, False), (_FULL, True), (_OOM, False)])
 def test_no_host_sync_outside_logging_steps(tmp_path, extra, graphed, monkeypatch):
     spy = _SyncSpy()
     t = make_trainer([f"trainer.out_dir={tmp_path}", "trainer.max_epochs=2", "log.every_n_steps=5",

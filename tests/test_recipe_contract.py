@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -173,3 +174,23 @@ def test_the_recipe_in_docs_engine_md_runs_and_learns(tmp_path):
 
 if __name__ == "__main__":
     exit_process(main(recipe))
+
+
+def test_a_recipe_may_build_its_own_optimizer_and_scheduler(tmp_path):
+    import dataclasses
+
+    from trainlib.recipe import build_trainer, make_config
+
+    seen = {}
+
+    def build_scheduler(opt, total, cfg):
+        seen["total"] = total
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+
+    own = dataclasses.replace(recipe, build_optimizer=lambda params, cfg: torch.optim.RMSprop(params, lr=cfg.optim.lr),
+                              build_scheduler=build_scheduler)
+    cfg, _ = make_config(own, {}, "", [("trainer.out_dir", str(tmp_path)), ("optim.lr", "0.01")])
+    t = build_trainer(own, cfg)
+    assert isinstance(t.optimizer, torch.optim.RMSprop) and t.optimizer.defaults["lr"] == 0.01
+    t.fit()
+    assert seen["total"] == 16 and t.schedule.lrs == [pytest.approx(0.01 / 17)]  # 2 epochs x 8 steps

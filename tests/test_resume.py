@@ -93,12 +93,17 @@ def compare(ref_out, ref_dir, out, run_dir):
 
 
 @pytest.mark.parametrize("nproc, seed, workers, strategy", [(1, 11, 0, "ddp"), (2, 23, 0, "ddp"), (1, 37, 2, "ddp"),
-                                                        (2, 41, 0, "fsdp"), (2, 43, 0, "ddp+ema")])
+                                                        (2, 41, 0, "fsdp"), (2, 43, 0, "ddp+ema"),
+                                                        (2, 47, 0, "utilities")])
 def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path, nproc, seed, workers, strategy):
     ref_out, ref_dir = tmp_path / "ref_out", tmp_path / "runs" / "ref"
     base = [f"data.num_workers={workers}"]  # augmentation drawn in worker processes must replay exactly too
     if strategy == "ddp+ema":  # the averaged weights (compared too: toy.py saves them) and their update count
         base += ["trainer.ema_decay=0.9", "trainer.ema_warmup=true"]
+    if strategy == "utilities":  # issue #12's: out of memory on rank 1 from step 5 (the micro-batch halves and
+        # is checkpointed), the gradient norm in the rows, activation checkpointing of BlockNet's blocks
+        base += ["trainer.oom_recovery=true", "--toy-oom_above=4", "--toy-oom_step=5", "--toy-oom_rank=1",
+                 "trainer.track_grad_norm=2", "--toy-blocks=1", "trainer.gradient_checkpointing=true"]
     if strategy == "fsdp":  # sharded weights and optimizer state, gathered into the same files
         base += ["trainer.strategy=fsdp", "trainer.fsdp_min_params=1"]
     finish(start(command(nproc, ref_out, ref_dir, base)))

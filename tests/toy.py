@@ -134,12 +134,12 @@ def make_trainer(overrides: list[str], data: ToyData | None = None, model: nn.Mo
     apply_overrides(cfg, overrides)
     data = data or ToyData()
     return Trainer(model or toy_model(), masked_mse, data, kw.pop("val_data", ToyData(32, seed=1)), config=cfg,
-                   forward_fn=toy_forward, **kw)
+                   **{"forward_fn": toy_forward, **kw})
 
 
 def split_toy_flags(argv: list[str]) -> tuple[dict[str, float], list[str]]:
     """--toy-NAME=VALUE flags (augment, dropout, delay, buffer_mb, n, ragged, freeze_last, lr_tensor, fake_graphs,
-    blocks, freeze) vs trainer overrides."""
+    blocks, freeze, oom_above, oom_step, oom_rank) vs trainer overrides."""
     flags, rest = {}, []
     for a in argv:
         if a.startswith("--toy-"):
@@ -185,6 +185,16 @@ if __name__ == "__main__":
         kw["blocks"] = lambda m: [*m.blocks]
     if flags.get("freeze_last"):  # two param groups: the last layer's lr is 0
         kw["param_groups"] = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.0}]
+    if "oom_above" in flags:  # --toy-oom_above=N [--toy-oom_step=S --toy-oom_rank=R]: from step S on, rank R
+        #                       "runs out of memory" (torch.OutOfMemoryError, as CUDA raises) on micro-batches > N
+        def tight_memory(model, batch):
+            if (model.training and trainer.env.rank == int(flags.get("oom_rank", 0))
+                    and trainer.global_step + 1 >= flags.get("oom_step", 1)
+                    and batch["x"].shape[0] > flags["oom_above"]):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+            return toy_forward(model, batch)
+
+        kw["forward_fn"] = tight_memory
     trainer = make_trainer(overrides, data, model, **kw)
     seen_by_epoch: dict[int, list[int]] = {}
 

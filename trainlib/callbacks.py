@@ -7,6 +7,7 @@ docstring of trainer.py. A callback may keep state across a resume through `stat
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
@@ -14,8 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .checkpoint import atomic_write_bytes, fsync_dir
 from .metrics import improved
+from .profiling import StepProfiler
 from .state import TrainState
 
 
@@ -223,13 +227,55 @@ class History(Callback):
         self.rows = json.loads(state["rows"])
 
 
-def default_callbacks(tc: Any, given: list[Callback], checkpoints: bool) -> list[Callback]:
+class MemoryCleanup(Callback):
+    """trainer.memory_cleanup_interval=N: empty the CUDA caching allocator every N optimizer steps.
+    Memory goes back to the driver (other processes, fragmentation) at the price of new
+    allocations (cudaMalloc) in the following steps: it makes training slower, not faster."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def on_train_step_end(self, state: TrainState) -> None:
+        if state.global_step % self.every == 0 and torch.cuda.is_available() and torch.cuda.is_initialized():
+            gc.collect()  # tensors kept alive only by reference cycles go first
+            torch.cuda.empty_cache()
+
+
+class Profile(Callback):
+    """profiler.enabled=true: torch.profiler over a window of optimizer steps (profiling.py: the
+    trace in <run_dir>/profiler/, the top-operator table at the end). Every rank profiles itself."""
+
+    def __init__(self, cfg: Any, device: Any = None) -> None:
+        self.cfg, self.device = cfg, device  # the `profiler` section; device: None = the model's
+        self.profiler: StepProfiler | None = None
+
+    def on_fit_start(self, state: TrainState) -> None:
+        device = self.device or next((p.device for p in state.model.parameters()), torch.device("cpu"))
+        self.profiler = StepProfiler(self.cfg, state.run_dir, state.rank, device, state.world_size)
+        self.profiler.start()
+
+    def on_train_step_end(self, state: TrainState) -> None:
+        if self.profiler is not None:
+            self.profiler.step(state.global_step)
+
+    def on_fit_end(self, state: TrainState) -> None:
+        if self.profiler is not None:
+            self.profiler.stop()
+            self.profiler = None
+
+
+def default_callbacks(cfg: Any, given: list[Callback], checkpoints: bool) -> list[Callback]:
     """`given` after what every run has: the LR in the log rows, history.json, early stopping (also
-    on a non-finite monitored metric) and, unless a dry run, checkpoints (given callbacks with
-    runs_before_checkpoint come just before those). A given callback of one of these types
-    replaces the built-in one."""
+    on a non-finite monitored metric), the profiler and memory cleanup when configured, and unless
+    a dry run checkpoints (given callbacks with runs_before_checkpoint come just before those).
+    A given callback of one of these types replaces the built-in one."""
+    tc = cfg.trainer
     out: list[Callback] = [LRMonitor(), History(), EarlyStopping(tc.monitor, tc.mode, tc.early_stop_patience,
                                                                  tc.early_stop_min_delta, check_finite=True)]
+    if cfg.profiler.enabled:
+        out.append(Profile(cfg.profiler))
+    if tc.memory_cleanup_interval:
+        out.append(MemoryCleanup(tc.memory_cleanup_interval))
     early = [cb for cb in given if cb.runs_before_checkpoint]
     out += early
     if checkpoints:

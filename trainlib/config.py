@@ -146,6 +146,9 @@ def validate(cfg: Any) -> None:
         problem = combination_problem(trainer, optim)
         if problem:
             raise ConfigError(problem)
+    tune = getattr(cfg, "tune", None)
+    if isinstance(tune, TuneConfig) and tune.lr_find_min >= tune.lr_find_max:
+        raise ConfigError(f"tune.lr_find_min={tune.lr_find_min:g} must be below tune.lr_find_max={tune.lr_find_max:g}")
 
 
 def compile_mode(t: "TrainerConfig") -> str:
@@ -163,6 +166,16 @@ def combination_problem(t: "TrainerConfig", o: "OptimConfig") -> str:
     if o.scheduler in ("cosine", "onecycle") and t.max_epochs == 0 and t.max_steps <= 0:
         return (f"optim.scheduler={o.scheduler} needs a known run length: trainer.max_epochs or trainer.max_steps "
                 "must be > 0")
+    if t.oom_recovery and t.cuda_graphs:
+        return ("trainer.oom_recovery=true needs eager steps (a captured graph cannot be cut into smaller "
+                "micro-batches): turn off trainer.cuda_graphs")
+    if t.gradient_checkpointing and t.cuda_graphs:
+        return ("trainer.gradient_checkpointing=true cannot be captured with trainer.cuda_graphs=true (the "
+                "recomputation saves and restores the CUDA RNG state, which a capture does not allow): use one of them")
+    if t.oom_recovery and t.strategy == "fsdp":
+        return ("trainer.oom_recovery=true cannot run with trainer.strategy=fsdp: FSDP gathers parameters inside the "
+                "forward and backward, so a rank that runs out of memory there leaves the others waiting in a "
+                "collective; use strategy=ddp, or a smaller data.batch_size")
     if t.test_only and not t.ckpt_path:
         return "trainer.test_only=true needs trainer.ckpt_path=<checkpoint to evaluate>"
     if not t.test_only and t.limit_train_batches == 0:
@@ -255,6 +268,11 @@ class TrainerConfig:
     ema_decay: float = opt(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: off); validation, best checkpoints and model.safetensors use it", ge=0, lt=1)
     ema_warmup: bool = opt(False, "ema: decay min(ema_decay, (1 + n) / (10 + n)) after n updates, so early weights fade fast")
     export: bool = opt(True, "write model.safetensors (+ its config) to the run directory at the end of fit")
+    oom_recovery: bool = opt(False, "a CUDA out-of-memory error in a step: free memory, halve the micro-batch, double the accumulation (same global batch and gradient) and retry; agreed on every rank (under DDP the gradient all-reduce then runs after the backward instead of overlapping it)")
+    gradient_checkpointing: bool = opt(False, "recompute the recipe's blocks (Recipe.blocks) in the backward instead of keeping their activations (non-reentrant activation checkpointing): less memory, about one more forward of compute")
+    track_grad_norm: float = opt(0.0, "log the global gradient norm of this type (e.g. 2, or inf) on logging steps, before clipping (0: off)",
+                                 check=rule("0 (off), a norm type > 0, or inf", lambda v: v >= 0))
+    memory_cleanup_interval: int = opt(0, "empty the CUDA caching allocator every n optimizer steps (0: never); returns cached memory to the driver at a cost in speed", ge=0)
 
 
 @dataclass
@@ -279,6 +297,32 @@ class OptimConfig:
 
 
 @dataclass
+class TuneConfig:
+    """Finders that run before training, on a fresh run (a resume keeps what they chose)."""
+    auto_lr_find: bool = opt(False, "LR range test before training: an exponential lr sweep on the training data, then the suggested lr (steepest descent of the smoothed loss) replaces optim.lr; model, optimizer and RNG are put back as they were")
+    lr_find_min: float = opt(1e-7, "auto_lr_find: first lr of the sweep", gt=0)
+    lr_find_max: float = opt(1.0, "auto_lr_find: last lr of the sweep", gt=0)
+    lr_find_steps: int = opt(100, "auto_lr_find: optimizer steps of the sweep (it stops early once the loss diverges)", ge=5, le=100_000)
+    lr_find_smoothing: float = opt(0.05, "auto_lr_find: weight of each new loss in the exponential smoothing of the curve", gt=0, le=1)
+    lr_find_diverge: float = opt(4.0, "auto_lr_find: stop the sweep once the smoothed loss exceeds this multiple of its best", gt=1)
+    auto_scale_batch_size: Union[bool, Literal["power", "binsearch"]] = opt(False, "find the largest data.batch_size whose forward, backward and optimizer step fit in memory: power (true) doubles until it does not fit, binsearch then refines between the last two")
+    batch_size_max: int = opt(4096, "auto_scale_batch_size: largest batch size tried (also capped by the train split)", ge=1)
+    batch_size_trials: int = opt(3, "auto_scale_batch_size: training steps run at each candidate size", ge=1, le=100)
+    global_batch: int = opt(0, "auto_scale_batch_size: keep this global batch (batch x processes x trainer.accumulate_grad_batches) by adjusting the accumulation to the batch found (0: keep the accumulation)", ge=0)
+
+
+@dataclass
+class ProfilerConfig:
+    enabled: bool = opt(False, "torch.profiler over a window of training steps: a trace in <run>/profiler/ (TensorBoard, Perfetto) and a table of the top operators at the end")
+    wait: int = opt(1, "profiler: steps skipped before the window", ge=0)
+    warmup: int = opt(1, "profiler: steps traced but discarded (warm caches) before the recorded ones", ge=0)
+    active: int = opt(3, "profiler: steps recorded", ge=1, le=1000)
+    record_shapes: bool = opt(False, "profiler: record input shapes of every operator (a larger trace)")
+    profile_memory: bool = opt(False, "profiler: record tensor allocations and frees")
+    row_limit: int = opt(15, "profiler: operators in the printed table", ge=1, le=1000)
+
+
+@dataclass
 class LogConfig:
     loggers: list[str] = opt(["console", "jsonl"], "any of console, jsonl, tensorboard, wandb (jsonl is always on)",
                              check=rule(f"any of {', '.join(LOGGERS)} (or both: tensorboard and wandb)",
@@ -289,6 +333,7 @@ class LogConfig:
     wandb_entity: str = opt("", "wandb entity (team or user)")
     wandb_mode: Literal["offline", "online", "disabled"] = opt("offline", "wandb mode; offline unless you opt in")
     wandb_group: str = opt("", "wandb group (hyper-parameter studies group their trials)")
+    log_gpu_memory: bool = opt(False, "add allocated, reserved and peak CUDA memory (GB) of this process to every training log row")
 
 
 @dataclass
@@ -302,6 +347,8 @@ class DataConfig:
     drop_last: bool = opt(False, "drop the last incomplete training batch")
     device_resident: bool = opt(False, "read every split once into device memory and gather batches there (datasets that fit; augmentation is frozen)")
     group_by_shape: Union[bool, Literal["auto"]] = opt("auto", "draw every rank's batches of one optimizer step from samples of one shape (the dataset's shape_keys(), e.g. PDAN's padded length), so CUDA graphs replay under DDP; auto: on with trainer.cuda_graphs")
+    use_class_balanced_sampler: bool = opt(False, "draw training samples so every class (the dataset's class_labels()) is equally frequent: with replacement, one global draw per epoch shared out across ranks")
+    progressive_class_balancing: bool = opt(False, "move the class frequencies of the drawn training samples from natural (first epoch) to balanced (last epoch) over the run")
 
 
 @dataclass
@@ -310,6 +357,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
     data: Any = field(default_factory=DataConfig)
     model: Any = None
     recipe: str = opt("", "the recipe this config belongs to (set by the recipe; YAML files may name it)")

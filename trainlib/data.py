@@ -257,6 +257,22 @@ def shape_keys(dataset: Any) -> list | None:
     return None
 
 
+def class_labels(dataset: Any) -> list | None:
+    """One int class label per sample (`dataset.class_labels()`, for class-balanced sampling), also
+    through Subset and ConcatDataset; None if the dataset has none. A tensor or array becomes a list."""
+    own = getattr(dataset, "class_labels", None)
+    if callable(own):
+        labels = own()
+        return labels.tolist() if isinstance(labels, (torch.Tensor, np.ndarray)) else list(labels)
+    if isinstance(dataset, torch.utils.data.Subset):
+        inner = class_labels(dataset.dataset)
+        return None if inner is None else [inner[i] for i in dataset.indices]
+    if isinstance(dataset, torch.utils.data.ConcatDataset):
+        parts = [class_labels(d) for d in dataset.datasets]
+        return None if any(p is None for p in parts) else [k for p in parts for k in p]  # type: ignore[union-attr]
+    return None
+
+
 def fetches_batches(dataset: Any) -> bool:
     return isinstance(dataset, TensorDataset) or callable(getattr(dataset, "get_batch", None))
 
@@ -453,11 +469,13 @@ def limit_batches(n: int, limit: int | float) -> int:
 
 def build_loaders(datasets: dict[str, Any], data: Any, *, seed: int, accumulate: int, rank: int, world: int,
                   device: torch.device, collate_fn: Callable | None, graphs_on: bool,
-                  notes: list[str]) -> tuple[dict[str, Any], ShardSampler | None]:
+                  notes: list[str], epochs: int = 1) -> tuple[dict[str, Any], ShardSampler | None]:
     """-> ({split: loader}, the train sampler). Training shuffles by (seed, epoch) and pads every
     rank to the same count; val/test are scored exactly once. `data.group_by_shape` draws each
     optimizer step's batches from one shape group (auto: with CUDA graphs and a dataset that has
-    shape_keys())."""
+    shape_keys()). `data.use_class_balanced_sampler` / `data.progressive_class_balancing`: the
+    train split is drawn class-balanced from the dataset's class_labels() (balanced.py; `epochs`
+    is the run length the progressive rule spans); they do not combine with group_by_shape."""
     loaders: dict[str, Any] = {}
 
     def loader(ds: Any, batch_size: int, sampler: ShardSampler, drop_last: bool, seeded: bool = False) -> Any:
@@ -473,6 +491,17 @@ def build_loaders(datasets: dict[str, Any], data: Any, *, seed: int, accumulate:
     train = datasets.get("train")
     if train is not None:
         setting = data.group_by_shape
+        progressive = bool(getattr(data, "progressive_class_balancing", False))
+        uniform = bool(getattr(data, "use_class_balanced_sampler", False))
+        balance = progressive or uniform
+        if balance:
+            key = "data.progressive_class_balancing" if progressive else "data.use_class_balanced_sampler"
+            if setting is True:
+                raise ConfigError(f"{key}=true cannot be combined with data.group_by_shape=true (the class-balanced "
+                                  "draw is not grouped by shape): set data.group_by_shape=false")
+            if setting == "auto" and graphs_on and shape_keys(train) is not None:
+                notes.append(f"data.group_by_shape=auto: off, because {key}=true (the two do not combine)")
+            setting = False
         keys = shape_keys(train) if setting else None
         if setting == "auto":
             setting = graphs_on and keys is not None
@@ -487,9 +516,18 @@ def build_loaders(datasets: dict[str, Any], data: Any, *, seed: int, accumulate:
         else:
             notes.append(f"data.group_by_shape: each optimizer step draws its batches from one of "
                          f"{len(set(keys))} shape groups")
-        train_sampler = ShardSampler(len(train), rank, world, shuffle=True, seed=seed, pad=True,
-                                     drop_last=data.drop_last, groups=keys,
-                                     group_size=data.batch_size * world * accumulate)
+        if balance:
+            from .balanced import ClassBalancedSampler, checked_labels
+
+            labels = checked_labels(class_labels(train), train, key)
+            train_sampler = ClassBalancedSampler(labels, rank, world, seed=seed, drop_last=data.drop_last,
+                                                 progressive=progressive, epochs=epochs)
+            both = " (data.use_class_balanced_sampler is on too: the progressive rule wins)" if uniform else ""
+            notes.append(train_sampler.describe(key) + (both if progressive else ""))
+        else:
+            train_sampler = ShardSampler(len(train), rank, world, shuffle=True, seed=seed, pad=True,
+                                         drop_last=data.drop_last, groups=keys,
+                                         group_size=data.batch_size * world * accumulate)
         loaders["train"] = loader(train, data.batch_size, train_sampler, data.drop_last, seeded=True)
         if len(loaders["train"]) == 0:
             raise ConfigError(f"the train split has {len(train)} samples: not enough for one batch of "

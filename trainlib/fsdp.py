@@ -153,6 +153,11 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective when it is sharded or partial); the tensor itself otherwise."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def full_model_state(model: nn.Module, skip_frozen: bool = False) -> dict[str, torch.Tensor]:
     """The whole, plain-keyed state on rank 0 (on the CPU); {} on the other ranks. Collective.
     skip_frozen: without the parameters that have requires_grad=False, which are then never

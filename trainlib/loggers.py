@@ -58,6 +58,13 @@ class Logger:
     def close(self) -> None: ...
 
 
+class LoggedNow(list):
+    """A list of notes that logs each one as it is appended (once train.log exists)."""
+
+    def append(self, text: str) -> None:
+        log.info(text)
+
+
 class ConsoleLogger(Logger):
     """A tqdm bar per epoch (loss, lr, it/s) and one line per evaluation."""
 

@@ -34,6 +34,94 @@ def build_optimizer(params: Iterable[Any], cfg: OptimConfig) -> torch.optim.Opti
         return cls(params, **kw)
 
 
+def make_optimizer(given: Any, params: list[Any], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The run's optimizer: `given` built (over this model's parameters), a factory `given(params)`
+    (params: the recipe's param groups or the trainable parameters), or None for cfg.optim's."""
+    if given is None:
+        return build_optimizer(params, cfg)
+    opt = given(params) if callable(given) and not isinstance(given, torch.optim.Optimizer) else given
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer=: expected a torch.optim.Optimizer or a function of the parameters that "
+                          f"returns one, got {type(opt).__name__}")
+    ours = {id(p) for g in params for p in (g["params"] if isinstance(g, dict) else [g])}
+    if any(id(p) not in ours for g in opt.param_groups for p in g["params"]):
+        raise ConfigError("optimizer=: it holds parameters that are not the model's as wrapped for this run (FSDP "
+                          "replaces them); pass a factory instead, e.g. optimizer=lambda params: "
+                          "torch.optim.SGD(params, lr=0.1)")
+    return opt
+
+
+def make_schedule(given: Any, optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
+                  steps_per_epoch: int, mode: str = "min") -> "LRSchedule | TorchSchedule":
+    """cfg.optim's schedule (None), or a torch scheduler of your own: built, or a factory
+    `given(optimizer)` / `given(optimizer, total_steps)` (total_steps: the run's optimizer steps)."""
+    if given is None:
+        return LRSchedule(optimizer, cfg, total_steps, steps_per_epoch, mode)
+    sched = given
+    if callable(given) and not hasattr(given, "state_dict"):
+        import inspect
+
+        n_args = len(inspect.signature(given).parameters)
+        sched = given(optimizer, max(1, total_steps)) if n_args >= 2 else given(optimizer)
+    if not hasattr(sched, "step") or not hasattr(sched, "state_dict"):
+        raise ConfigError(f"scheduler=: expected a torch.optim.lr_scheduler scheduler or a function of the optimizer "
+                          f"that returns one, got {type(sched).__name__}")
+    if getattr(sched, "optimizer", optimizer) is not optimizer:
+        raise ConfigError("scheduler=: it drives another optimizer than the run's; pass a factory, e.g. "
+                          "scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 100)")
+    return TorchSchedule(sched)
+
+
+class TorchSchedule:
+    """A torch scheduler of your own, stepped once per optimizer step like the built-in ones
+    (ReduceLROnPlateau instead once per validation, with the monitored value). Checkpointed."""
+
+    def __init__(self, sched: Any) -> None:
+        self.sched = sched
+        self.plateau = isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+    def step(self) -> None:
+        if not self.plateau:
+            self._keeping_device_lrs(self.sched.step)
+
+    def on_validation(self, value: float) -> None:
+        if self.plateau and math.isfinite(value):
+            self._keeping_device_lrs(lambda: self.sched.step(value))
+
+    def _keeping_device_lrs(self, step: Any) -> None:
+        """A captured step (trainer.cuda_graphs) reads each group's lr from its device tensor: the
+        scheduler's new value is written into that tensor instead of replacing it."""
+        groups = self.sched.optimizer.param_groups
+        held = [g["lr"] for g in groups]
+        step()
+        for g, old in zip(groups, held):
+            if isinstance(old, torch.Tensor) and g["lr"] is not old:
+                old.copy_(g["lr"]) if isinstance(g["lr"], torch.Tensor) else old.fill_(g["lr"])
+                g["lr"] = old
+
+    def rescale(self, factor: float) -> None:
+        """Multiply every group's lr (and the scheduler's base lrs) by `factor` (tune.auto_lr_find)."""
+        for g in self.sched.optimizer.param_groups:
+            g["lr"] = g["lr"] * factor
+            if "initial_lr" in g:
+                g["initial_lr"] = g["initial_lr"] * factor
+        if hasattr(self.sched, "base_lrs"):
+            self.sched.base_lrs = [b * factor for b in self.sched.base_lrs]
+
+    @property
+    def lrs(self) -> list[float]:
+        return [float(g["lr"]) for g in self.sched.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"torch_scheduler": type(self.sched).__name__, "state": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("torch_scheduler") != type(self.sched).__name__:
+            raise ConfigError(f"the checkpoint's LR schedule is {state.get('torch_scheduler') or 'optim.scheduler'}"
+                              f", this run's is {type(self.sched).__name__}: resume with the same scheduler")
+        self.sched.load_state_dict(state["state"])
+
+
 def run_length(epochs: int, steps_per_epoch: int, max_steps: int, training: bool = True) -> int:
     """Optimizer steps the run will take (what cosine and onecycle schedules span): epochs x steps,
     capped by trainer.max_steps (-1: no cap); 1 for an evaluation-only Trainer."""
@@ -98,6 +186,13 @@ class LRSchedule:
             else:
                 g["lr"] = lr
 
+    def rescale(self, factor: float) -> None:
+        """Multiply every group's peak lr by `factor` (tune.auto_lr_find applies its suggestion)."""
+        self.base_lrs = [b * factor for b in self.base_lrs]
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            g["initial_lr"] = base
+        self._apply()
+
     def step(self) -> None:
         self.step_count += 1
         if not self.constant or self.step_count <= self.cfg.warmup_steps:
@@ -125,6 +220,9 @@ class LRSchedule:
                 "plateau_best": self.plateau_best, "plateau_bad": self.plateau_bad, "base_lrs": list(self.base_lrs)}
 
     def load_state_dict(self, state: dict) -> None:
+        if "step_count" not in state:
+            raise ConfigError(f"the checkpoint's LR schedule is a {state.get('torch_scheduler', 'scheduler')} of "
+                              "your own; resume with the same scheduler= argument")
         self.step_count = state["step_count"]
         self.plateau_scale = state["plateau_scale"]
         self.plateau_best = state["plateau_best"]

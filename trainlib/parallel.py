@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, fsdp, graphs
+from . import activation_checkpointing, checkpoint, fsdp, graphs
 from .config import TrainerConfig, compile_mode
 from .dist import DistEnv
 from .loggers import log
@@ -123,6 +123,8 @@ def wrap(model: nn.Module, tc: TrainerConfig, env: DistEnv, device: torch.device
         else:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     planned = fsdp.resolve_blocks(model, blocks) if blocks is not None else None  # after SyncBN swapped modules
+    if tc.gradient_checkpointing:  # inside the FSDP units, under compile and DDP (torchtitan's order)
+        notes.append(activation_checkpointing.note(activation_checkpointing.apply(planned)))
     frozen = set() if tc.save_frozen else {n for n, p in model.named_parameters() if not p.requires_grad}
     if sharded:
         if use_graphs:

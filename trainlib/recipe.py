@@ -55,6 +55,9 @@ class Recipe:
     #                                        names, e.g. the transformer layers): the FSDP units (trainlib/fsdp.py)
     stages: list[Stage] = field(default_factory=list)        # named stages (trainlib/stages.py); stage=NAME|all
     callbacks: Optional[Callable[[Any], list]] = None        # (cfg) -> [Callback, ...]
+    build_optimizer: Optional[Callable[[Any, Any], Any]] = None  # (params, cfg) -> torch optimizer; wins over optim.name
+    build_scheduler: Optional[Callable[..., Any]] = None     # (optimizer, total_steps, cfg) -> torch LR scheduler,
+    #                                        stepped once per optimizer step; wins over optim.scheduler
     description: str = ""
     search_space: Optional[Callable[[Any], dict]] = None     # (optuna trial) -> {config key: value}; launch/hyperopt.py
     inference_overrides: dict[str, Any] = field(default_factory=dict)  # keys load_model sets before build_model,
@@ -198,6 +201,7 @@ ENGINE_ALIASES = {
     "lr": "optim.lr", "optimizer": "optim.name", "scheduler": "optim.scheduler", "weight_decay": "optim.weight_decay",
     "batch_size": "data.batch_size", "logger": "log.loggers", "wandb_project": "log.wandb_project",
     "log_every_n_steps": "log.every_n_steps", "gradient_clip_val": "trainer.grad_clip",
+    "gradient_clip_norm": "trainer.grad_clip", "enable_profiler": "profiler.enabled",
 }
 LAUNCHER_FLAGS = {"gpus", "devices", "nproc_per_node", "num_nodes"}
 
@@ -376,7 +380,9 @@ def build_trainer(recipe: Recipe, cfg: Config, demo: bool = False, *, callbacks:
         loss_from_predict=recipe.loss_from_predict, collate_fn=recipe.collate(cfg) if recipe.collate else None,
         callbacks=[*(recipe.callbacks(cfg) if recipe.callbacks else ()), *callbacks],
         param_groups=recipe.param_groups(model, cfg) if recipe.param_groups else None, name=recipe.name,
-        blocks=recipe.blocks)
+        blocks=recipe.blocks,
+        optimizer=(lambda params: recipe.build_optimizer(params, cfg)) if recipe.build_optimizer else None,
+        scheduler=(lambda opt, total: recipe.build_scheduler(opt, total, cfg)) if recipe.build_scheduler else None)
 
 
 def run(recipe: Recipe, cfg: Config, demo: bool = False, *, callbacks: Sequence[Any] = (),

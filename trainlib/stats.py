@@ -8,6 +8,7 @@ exactly the rows of the uninterrupted one.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -53,17 +54,22 @@ class RunningStats:
             acc["parts"][name] = acc["parts"].get(name, 0) + torch.where(ok, v, 0).sum()
         pend.clear()
 
-    def window(self, **flags: float) -> tuple[dict[str, float], list[float]]:
+    def window(self, same_on_every_rank: dict[str, torch.Tensor] | None = None,
+               **flags: float) -> tuple[dict[str, float], list[float]]:
         """The logging window's sums over every rank by name ("loss", "weight", "part:<name>", and
-        each of `flags`, e.g. signal=...: summed, so > 0 means "on some rank"), and each step's skip
-        flag (already agreed by every rank). One all-reduce, one host sync; the window restarts."""
+        each of `flags`, e.g. signal=...: summed, so > 0 means "on some rank"), the device values in
+        `same_on_every_rank` as they are (e.g. the global gradient norm), and each step's skip flag
+        (already agreed by every rank). One all-reduce, one host sync; the window restarts."""
         self.fold()
-        acc, parts = self.acc, sorted(self.acc["parts"])
+        acc, parts, agreed = self.acc, sorted(self.acc["parts"]), same_on_every_rank or {}
         names = ["loss", "weight", *(f"part:{p}" for p in parts), *flags]
         host = torch.tensor([float(v) for v in flags.values()], device=self.device, dtype=torch.float64)
         stats = torch.cat([torch.stack([acc["loss"], acc["weight"], *(acc["parts"][p] for p in parts)]).double(), host])
         if self.env.distributed:
             torch_dist.all_reduce(stats)
+        if agreed:
+            stats = torch.cat([stats, torch.stack([v.detach().reshape(()).double() for v in agreed.values()])])
+            names += list(agreed)
         skips = torch.stack(acc["skips"]).double().reshape(-1) if acc["skips"] else stats[:0]
         values = torch.cat([stats, skips]).tolist()  # host sync (logging step)
         acc["loss"].zero_()
@@ -93,6 +99,39 @@ class RunningStats:
         self.acc = acc
 
 
+class Throughput:
+    """Speed and memory over a logging window: steps/s, samples/s (all ranks), step time, the share
+    of wall time spent waiting for data, CUDA memory, and MFU when the GPU's peak is known. Host
+    clocks and allocator counters only: nothing here waits for the device."""
+
+    def __init__(self, device: torch.device, env: DistEnv, log_cfg: Any) -> None:
+        self.device, self.world = device, env.world_size
+        self.memory = bool(getattr(log_cfg, "log_gpu_memory", False)) and device.type == "cuda"
+        self.restart(0.0)
+
+    def restart(self, wait_s: float) -> None:
+        self.t0, self.steps, self.samples, self.wait0 = time.time(), 0, 0, wait_s
+
+    def add(self, samples: int) -> None:
+        self.steps += 1
+        self.samples += samples
+
+    def read(self, wait_s: float, flops_per_sample: float | None, peak_flops: float | None) -> dict[str, float]:
+        """The window's fields; the next window starts now."""
+        elapsed, steps = max(time.time() - self.t0, 1e-9), max(self.steps, 1)
+        row = {"steps_per_s": self.steps / elapsed, "samples_per_s": self.samples * self.world / elapsed,
+               "step_ms": 1000 * elapsed / steps, "data_wait": (wait_s - self.wait0) / elapsed}
+        if self.device.type == "cuda":
+            row["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30  # allocator stats: no sync
+            if self.memory:  # log.log_gpu_memory
+                row["mem_allocated_gb"] = torch.cuda.memory_allocated(self.device) / 2**30
+                row["mem_reserved_gb"] = torch.cuda.memory_reserved(self.device) / 2**30
+        if flops_per_sample and peak_flops:  # model FLOPs utilisation against the GPU's dense bf16 peak
+            row["mfu"] = flops_per_sample * row["samples_per_s"] / self.world / peak_flops
+        self.restart(wait_s)
+        return row
+
+
 def train_row(step: int, epoch: int, stats: dict[str, float], flags: list[float]) -> dict:
     """A training log row from a window's statistics: the weighted mean loss and parts (none when
     every step of the window was skipped: never a 0.0), and how many steps were not applied."""
@@ -102,6 +141,8 @@ def train_row(step: int, epoch: int, stats: dict[str, float], flags: list[float]
         row.update({p[5:]: v / stats["weight"] for p, v in stats.items() if p.startswith("part:")})
     if any(flags):
         row["skipped_steps"] = sum(f > 0 for f in flags)
+    if "grad_norm" in stats:  # trainer.track_grad_norm: the last step's global norm
+        row["grad_norm"] = stats["grad_norm"]
     return row
 
 

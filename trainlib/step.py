@@ -9,6 +9,7 @@ finite is never applied. None of this waits for the device (see `TrainStep.optim
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 from typing import Any, Callable
 
@@ -17,7 +18,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from . import fsdp, graphs
-from .config import ConfigError, TrainerConfig
+from .config import ConfigError, TrainerConfig, UserError
 from .data import batch_size_of
 from .dist import DistEnv
 from .ema import EMA
@@ -26,6 +27,58 @@ from .parallel import Wrapped
 from .precision import Precision
 
 _NO_CONTEXT = contextlib.nullcontext()
+
+
+def split_batch(batch: Any, parts: int) -> list[Any]:
+    """A batch cut into `parts` micro-batches along its sample dimension (the last ones smaller
+    when it does not divide; fewer when the batch is smaller than `parts`): tensors whose leading
+    dimension is the batch's sample count are sliced, and so are lists of per-sample values."""
+    n = batch_size_of(batch)
+    size = math.ceil(n / parts)
+    bounds = [(lo, min(n, lo + size)) for lo in range(0, n, size)]
+
+    def cut(obj: Any, lo: int, hi: int) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return obj[lo:hi] if obj.dim() and obj.shape[0] == n else obj
+        if isinstance(obj, dict):
+            return {k: cut(v, lo, hi) for k, v in obj.items()}
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+            return type(obj)(*(cut(v, lo, hi) for v in obj))
+        if isinstance(obj, (list, tuple)):
+            if len(obj) == n and not any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
+                return type(obj)(obj[lo:hi])  # per-sample values (ids, names)
+            return type(obj)(cut(v, lo, hi) for v in obj)
+        return obj
+
+    return [cut(batch, lo, hi) for lo, hi in bounds]
+
+
+def free_memory(device: torch.device) -> None:
+    """After an out-of-memory error: collect what the failed step left behind and give the CUDA
+    cache back, so the retry starts from the memory a step needs."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def host_group(env: DistEnv) -> Any:
+    """A gloo group for host-side agreements (the default group when it already is gloo). Every
+    rank must call it at the same point (it is a collective when it creates a group)."""
+    return torch_dist.group.WORLD if torch_dist.get_backend() == "gloo" else torch_dist.new_group(backend="gloo")
+
+
+def all_reduce_mean(params: list[torch.Tensor], world: int) -> None:
+    """DDP's gradient average done by hand (oom_recovery runs the backward without DDP's hooks):
+    one all-reduce per dtype over the gradients packed into one buffer."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch_dist.all_reduce(flat)
+        flat.div_(world)
+        torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
@@ -76,6 +129,8 @@ class TrainStep:
         self.optimizer, self.env, self.device = optimizer, env, device
         self.scaler = scaler if scaler.is_enabled() else None
         self.grad_clip = tc.grad_clip
+        self.norm_type = tc.track_grad_norm  # 0: off; else the last step's global norm is logged (logged_values)
+        self.grad_norm: torch.Tensor | None = None
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         # a fused optimizer takes a device-side found_inf flag: a non-finite step is skipped with no host sync
         self.device_skip = bool(optimizer.defaults.get("fused"))
@@ -83,14 +138,30 @@ class TrainStep:
         if wrapped.use_graphs and not self.device_skip:
             log.warning("trainer.cuda_graphs=true ignored: the optimizer has no fused kernel, so a non-finite step "
                         "can only be skipped from the host; running eagerly")
-        # one micro-batch in one process: the loss's own mean already has the right gradient
-        self.normalise = env.world_size > 1 or tc.accumulate_grad_batches > 1
         self.autocast = precision.autocast(cache=not self.use_graphs)  # one object, re-entered
         self.graphs: graphs.StepGraphs | None = None  # built at the first step (after a checkpoint load)
         self.ema: EMA | None = None  # trainer.ema_decay: averaged after each applied step (inside the graph)
         self.part_names: list[str] = []
+        # trainer.oom_recovery: each loader batch is cut into `splits` micro-batches (doubled after an
+        # out-of-memory error that every rank agreed on; checkpointed, so a resume keeps it)
+        self.oom_recovery, self.splits = tc.oom_recovery, 1
+        self.set_accumulation(tc.accumulate_grad_batches)
+        self.agree_group = host_group(env) if tc.oom_recovery and env.distributed else None
+        self.step_number: Callable[[], int] = lambda: -1  # the trainer's global step, for messages
+
+    def set_accumulation(self, accumulate: int) -> None:
+        """trainer.accumulate_grad_batches (changed by the batch-size finder, tuning.py). One
+        micro-batch in one process needs no normalisation: the loss's own mean has the right gradient."""
+        self.base_normalise = self.env.world_size > 1 or accumulate > 1
+        self.set_splits(self.splits)
+
+    def set_splits(self, splits: int) -> None:
+        self.splits = splits
+        self.normalise = self.base_normalise or splits > 1
 
     def __call__(self, batches: list[Any]) -> tuple[list[tuple], torch.Tensor]:
+        if self.oom_recovery:
+            return self.recovering_step(batches)
         if self.use_graphs and self.graphs is None:
             graphs.make_capturable(self.optimizer, self.device)
             self.graphs = graphs.StepGraphs(self.packed_step, self.device, self.wrapped.ddp)
@@ -101,30 +172,85 @@ class TrainStep:
         parts = {p: packed[(2 + j) * k:(3 + j) * k] for j, p in enumerate(names)}
         return [(packed[:k], packed[k:2 * k], parts)], packed[-1]
 
-    def device_step(self, batches: list[Any]) -> tuple[list[tuple], torch.Tensor]:
+    def recovering_step(self, batches: list[Any]) -> tuple[list[tuple], torch.Tensor]:
+        """trainer.oom_recovery: the step with every loader batch cut into `splits` micro-batches;
+        after an out-of-memory error on any rank (agreed on every rank), nothing is applied, memory
+        is freed, the micro-batch halves (splits double) and the same step runs again."""
+        while True:
+            micro = [m for b in batches for m in split_batch(b, self.splits)] if self.splits > 1 else batches
+            done = self.device_step(micro, recover=True)
+            if done is not None:
+                return done
+            smallest = min(batch_size_of(m) for m in micro)
+            if smallest <= 1:
+                raise UserError(f"out of memory in step {self.step_number() + 1} even with a micro-batch of 1 "
+                                "sample (trainer.oom_recovery): the model does not fit; use a smaller model, "
+                                "trainer.precision=bf16-mixed, trainer.gradient_checkpointing=true or more GPUs")
+            self.set_splits(self.splits * 2)
+            per = max(batch_size_of(b) for b in batches)
+            if self.env.is_main:  # every rank took the same decision: say it once
+                log.warning(f"out of memory in step {self.step_number() + 1} on rank(s) {self.oom_ranks}: "
+                            "micro-batch "
+                        f"halved to {math.ceil(per / self.splits)} sample(s), {len(batches) * self.splits} "
+                            "micro-batches per step (same global batch and gradient); retrying the step")
+
+    def device_step(self, batches: list[Any], recover: bool = False) -> tuple[list[tuple], torch.Tensor] | None:
         """Forward/backward of every micro-batch (DDP and FSDP sync on the last only), then the
-        optimizer step. Device work only, so it can be captured in a CUDA graph."""
+        optimizer step. Device work only, so it can be captured in a CUDA graph. With `recover`
+        (oom_recovery) no collective runs inside forward/backward: the ranks first agree that none
+        ran out of memory (None when one did), then DDP's gradients are all-reduced."""
         w = self.wrapped
         items, last = [], len(batches) - 1
-        for j, batch in enumerate(batches):
-            if w.sharded and last:  # FSDP's no_sync: reduce-scatter on the last micro-batch only
-                w.model.set_requires_gradient_sync(j == last)
-            with w.train_module.no_sync() if w.ddp and j < last else _NO_CONTEXT:
-                if w.mark_compiled_steps:
-                    torch.compiler.cudagraph_mark_step_begin()
-                with self.autocast:
-                    outputs = self.forward_fn(w.train_module, batch)
-                    loss, weight, parts = self.unpack(outputs, batch)
-                objective = loss if loss.dtype == torch.float32 else loss.float()
-                if self.normalise:
-                    objective = objective * weight
-                (self.scaler.scale(objective) if self.scaler else objective).backward()
-            loss = loss.detach()
-            parts = {name: v.detach() for name, v in parts.items()}
-            if w.mark_compiled_steps:  # graph-tree outputs are overwritten by the next replay
-                loss, parts = loss.clone(), {name: v.clone() for name, v in parts.items()}
-            items.append((loss, weight, parts))
+        try:
+            for j, batch in enumerate(batches):
+                if w.sharded and last:  # FSDP's no_sync: reduce-scatter on the last micro-batch only
+                    w.model.set_requires_gradient_sync(j == last)
+                with w.train_module.no_sync() if w.ddp and (j < last or recover) else _NO_CONTEXT:
+                    if w.mark_compiled_steps:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    with self.autocast:
+                        outputs = self.forward_fn(w.train_module, batch)
+                        loss, weight, parts = self.unpack(outputs, batch)
+                    objective = loss if loss.dtype == torch.float32 else loss.float()
+                    if self.normalise:
+                        objective = objective * weight
+                    (self.scaler.scale(objective) if self.scaler else objective).backward()
+                loss = loss.detach()
+                parts = {name: v.detach() for name, v in parts.items()}
+                if w.mark_compiled_steps:  # graph-tree outputs are overwritten by the next replay
+                    loss, parts = loss.clone(), {name: v.clone() for name, v in parts.items()}
+                items.append((loss, weight, parts))
+            out_of_memory = False
+        except torch.OutOfMemoryError:
+            if not recover:
+                raise
+            out_of_memory = True
+        if recover:
+            if self.agree_out_of_memory(out_of_memory):
+                items = outputs = loss = objective = parts = None  # noqa: F841  (drop the graph's references)
+                self.optimizer.zero_grad(set_to_none=True)
+                free_memory(self.device)
+                return None
+            if w.ddp:
+                all_reduce_mean(self.params, self.env.world_size)
         return items, self.optimizer_step(items)
+
+    def agree_out_of_memory(self, mine: bool) -> bool:
+        """Whether any rank ran out of memory in this step (every rank gets the same answer). A
+        host-side collective on a gloo group: no device sync, and no rank is left waiting inside a
+        forward or backward, because none runs a collective there in this mode."""
+        if self.agree_group is None:
+            self.oom_ranks = [0] if mine else []
+            return mine
+        flags = torch.zeros(self.env.world_size)
+        flags[self.env.rank] = float(mine)
+        torch_dist.all_reduce(flags, group=self.agree_group)  # host-side agreement (CPU tensor, gloo)
+        self.oom_ranks = [r for r, f in enumerate(flags.tolist()) if f > 0]
+        return bool(self.oom_ranks)
+
+    def logged_values(self) -> dict[str, torch.Tensor]:
+        """Device values a logging step reads with its statistics (one host sync for all)."""
+        return {"grad_norm": self.grad_norm} if self.grad_norm is not None else {}
 
     def packed_step(self, batches: list[Any]) -> torch.Tensor:
         """device_step with its results in one 1-D tensor (a graph's single output):
@@ -158,6 +284,9 @@ class TrainStep:
             torch._amp_foreach_non_finite_check_and_unscale_(
                 grads, found, (env.world_size / total.clamp_min(1e-12)).float().reshape(1))
         norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip > 0 else None
+        if self.norm_type:  # trainer.track_grad_norm: the clipping's norm when it is the same type (pre-clip)
+            self.grad_norm = norm if norm is not None and self.norm_type == 2 else fsdp.full(
+                nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None], self.norm_type))
         if scaler is None and grads:
             if found is None:  # one process, one micro-batch: nothing has read the gradients yet
                 largest = norm if norm is not None else torch.stack(torch._foreach_norm(grads, math.inf)).max()

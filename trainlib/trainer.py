@@ -51,19 +51,19 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from . import dist, evaluation, flops, freezing, parallel, rundir, training_state
+from . import dist, evaluation, flops, freezing, parallel, rundir, training_state, tuning
 from .callbacks import Callback, default_callbacks
 from .config import (Config, ConfigError, DataConfig, LogConfig, OptimConfig, TrainerConfig, dump_yaml, parse_duration,
                      to_dict, validate)
 from .ema import EMA
 from .data import DevicePrefetcher, batch_size_of, build_loaders, limit_batches
-from .loggers import ConsoleLogger, Logger, build_loggers, log, setup_text_log
+from .loggers import ConsoleLogger, Logger, LoggedNow, build_loggers, log, setup_text_log
 from .metrics import Metric
-from .optim import LRSchedule, build_optimizer, run_length, trainable_params
+from .optim import make_optimizer, make_schedule, run_length, trainable_params
 from .precision import Precision
 from .preemption import Preempted, SignalFlag
 from .state import TrainState
-from .stats import NonFiniteSteps, RunningStats, train_row
+from .stats import NonFiniteSteps, RunningStats, Throughput, train_row
 from .step import LossUnpacker, TrainStep, default_forward
 
 __all__ = ["Trainer", "default_forward"]
@@ -85,7 +85,8 @@ class Trainer:
                  forward_fn: Callable[[nn.Module, Any], Any] | None = None, collate_fn: Callable | None = None,
                  predict_fn: Callable[[nn.Module, Any], Any] | None = None, loss_from_predict: bool = False,
                  callbacks: Iterable[Callback] = (), param_groups: list[dict] | None = None, name: str = "",
-                 blocks: Callable[[nn.Module], list] | list | None = None) -> None:
+                 blocks: Callable[[nn.Module], list] | list | None = None, optimizer: Any = None,
+                 scheduler: Any = None) -> None:
         cfg = config if isinstance(config, Config) else Config(
             trainer=config or TrainerConfig(), optim=optim or OptimConfig(), data=data or DataConfig(),
             log=log_config or LogConfig())
@@ -109,39 +110,49 @@ class Trainer:
         self.wrapped = parallel.wrap(model, tc, self.env, self.device, self.precision.param_dtype, param_groups,
                                      blocks)  # blocks: the model's repeated blocks (FSDP units); fsdp.resolve_blocks
         self.model, self.compiled = self.wrapped.model, self.wrapped.compiled
-        self.setup_notes: list[str] | None = list(self.wrapped.notes)  # logged once train.log exists, then None
+        self.setup_notes: list[str] = list(self.wrapped.notes)  # logged once train.log exists (_open_run_dir)
 
-        # --- data, optimizer, schedule, the step --------------------------------------------------
-        self.loaders, self.train_sampler = build_loaders(
-            self.datasets, cfg.data, seed=tc.seed, accumulate=tc.accumulate_grad_batches, rank=self.env.rank,
-            world=self.env.world_size, device=self.device, collate_fn=collate_fn,
-            graphs_on=self.wrapped.use_graphs, notes=self.setup_notes)
-        self.optimizer = build_optimizer(self.wrapped.param_groups or trainable_params(self.model), cfg.optim)
-        n = len(self.loaders["train"]) if train_data is not None else 0
-        self.train_batches = min(n, self.fast_dev_run) if self.fast_dev_run else limit_batches(n, tc.limit_train_batches)
-        self.steps_per_epoch = math.ceil(self.train_batches / tc.accumulate_grad_batches)
-        self.total_steps = run_length(1 if self.fast_dev_run else tc.max_epochs, self.steps_per_epoch, tc.max_steps,
-                                      train_data is not None)
-        self.schedule = LRSchedule(self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch, tc.mode)
+        # --- optimizer (yours, or from cfg.optim), the step; data and schedule at the end ------------
+        self.optimizer = make_optimizer(optimizer, self.wrapped.param_groups or trainable_params(self.model), cfg.optim)
         self.scaler = self.precision.scaler()
         self.step = TrainStep(self.wrapped, self.forward_fn, self.unpack, self.optimizer, self.scaler,
                               self.precision, self.env, tc, self.device)
-        self.stats = RunningStats(self.device, self.env)
-        self.ema = self.step.ema = (EMA(self.model, tc.ema_decay, tc.ema_warmup, self.device) if tc.ema_decay > 0
-                                    else None)
+        self.step.step_number = lambda: self.state.global_step  # (for its messages)
+        self.stats, self.meter = RunningStats(self.device, self.env), Throughput(self.device, self.env, cfg.log)
+        self.ema = self.step.ema = EMA(self.model, tc.ema_decay, tc.ema_warmup, self.device) if tc.ema_decay > 0 else None
         self.nonfinite = NonFiniteSteps(tc, self.is_main)
         self.peak_flops = flops.peak_flops(self.device)  # None (no MFU) off known GPUs
         self.flops_per_sample: float | None = None       # counted on the first batch (flops.py)
 
         # --- loop state: what callbacks see (state.py) --------------------------------------------
         self.state = TrainState(self.model, self.optimizer, self.env.rank, self.env.world_size, Path(tc.out_dir),
-                                self.train_batches, save=self.save_checkpoint, current_lrs=lambda: self.schedule.lrs,
+                                0, save=self.save_checkpoint, current_lrs=lambda: self.schedule.lrs,
                                 change_trainable=lambda changes, event: freezing.set_trainable(self, changes, event))
         self.rows_logged = 0          # rows sent to the loggers; a resume truncates metrics.jsonl to it
         self.signals, self.preempt_signal = SignalFlag(), 0
         self.callbacks: list[Callback] = list(callbacks)
         self.loggers: list[Logger] = []
         self.lock: rundir.RunLock | None = None  # rank 0: the run directory's owner file
+        self.collate_fn, self.scheduler_arg = collate_fn, scheduler
+        self._build_data()
+
+    def _build_data(self) -> None:
+        """Loaders, batches per epoch, run length and LR schedule from data.batch_size and the
+        accumulation (again when the batch-size finder changed them: tuning.py)."""
+        tc = self.tc
+        self.step.set_accumulation(tc.accumulate_grad_batches)
+        self.loaders, self.train_sampler = build_loaders(
+            self.datasets, self.cfg.data, seed=tc.seed, accumulate=tc.accumulate_grad_batches, rank=self.env.rank,
+            world=self.env.world_size, device=self.device, collate_fn=self.collate_fn,
+            graphs_on=self.wrapped.use_graphs, notes=self.setup_notes, epochs=tc.max_epochs)
+        n = len(self.loaders["train"]) if "train" in self.loaders else 0
+        self.train_batches = min(n, self.fast_dev_run) if self.fast_dev_run else limit_batches(n, tc.limit_train_batches)
+        self.steps_per_epoch = math.ceil(self.train_batches / tc.accumulate_grad_batches)
+        self.total_steps = run_length(1 if self.fast_dev_run else tc.max_epochs, self.steps_per_epoch, tc.max_steps,
+                                      "train" in self.loaders)
+        self.schedule = make_schedule(self.scheduler_arg, self.optimizer, self.cfg.optim, self.total_steps,
+                                      self.steps_per_epoch, tc.mode)
+        self.state.train_batches = self.train_batches
 
     graphs = property(lambda self: self.step.graphs)
     loss_fn = property(lambda self: self.unpack.loss_fn, lambda self, fn: setattr(self.unpack, "loss_fn", fn))
@@ -154,7 +165,7 @@ class Trainer:
         if "train" not in self.loaders:
             raise ConfigError("fit() needs training data")
         tc, st = self.tc, self.state
-        self.callbacks = default_callbacks(tc, self.callbacks, checkpoints=not self.fast_dev_run)
+        self.callbacks = default_callbacks(self.cfg, self.callbacks, checkpoints=not self.fast_dev_run)
         # every input is checked before the run directory is made: a failed start leaves nothing behind
         candidates, run_dir = rundir.find_resume(tc.resume, tc.out_dir, tc.run_name, self.name)
         resume = training_state.restore_newest(self, candidates)
@@ -167,6 +178,8 @@ class Trainer:
         if resume is not None and self.is_main:
             rundir.truncate_lines(st.run_dir / "metrics.jsonl", self.rows_logged)  # rows after the checkpoint go
         self._start_loggers()
+        if resume is None:  # finders (tune.*): a resume keeps what they chose, from its checkpoint
+            tuning.before_fit(self)
         log.info(f"run directory: {st.run_dir}  ({self.env.world_size} process(es), device {self.device.type}, "
                  f"precision {tc.precision}, {self.steps_per_epoch} steps/epoch)")
 
@@ -227,10 +240,10 @@ class Trainer:
                     if type(cb).on_train_step_end is not Callback.on_train_step_end]
         if start == 0:
             self.stats.reset()
-        every, dev = self.cfg.log.every_n_steps, self.device
-        t_log, steps_since_log, samples, wait0 = time.time(), 0, 0, 0.0
+        every, meter = self.cfg.log.every_n_steps, self.meter
         cast = self.precision.cast_batch if self.precision.param_dtype != torch.float32 else None
-        prefetcher = DevicePrefetcher(self.loaders["train"], dev)
+        prefetcher = DevicePrefetcher(self.loaders["train"], self.device)
+        meter.restart(prefetcher.wait_s)
         i, window = start, []
         for batch in prefetcher if start < n else ():
             if i >= n:
@@ -241,7 +254,7 @@ class Trainer:
                 console.advance()
             if i % k and i != n:  # the step's window is not full yet (the epoch's last may be shorter)
                 continue
-            samples += batch_size_of(window[0]) if k == 1 else sum(batch_size_of(b) for b in window)
+            meter.add(batch_size_of(window[0]) if k == 1 else sum(batch_size_of(b) for b in window))
             if self.peak_flops and self.flops_per_sample is None:
                 self.flops_per_sample = flops.train_flops_per_sample(
                     self.model, self.forward_fn, window[0], batch_size_of(window[0]), self.precision.autocast())
@@ -250,26 +263,16 @@ class Trainer:
             window = []
             st.global_step += 1
             st.batch_in_epoch = i
-            steps_since_log += 1
 
             if st.global_step % every == 0 or i == n or st.global_step == tc.max_steps:
                 # Logging step: the only host syncs of the loop (one all-reduce, one .tolist()).
                 over_time = math.isfinite(self.max_seconds) and time.time() - t_start >= self.max_seconds
-                stats, flags = self.stats.window(signal=self.signals.signum, over_time=over_time)
-                elapsed = max(time.time() - t_log, 1e-9)
+                stats, flags = self.stats.window(self.step.logged_values(), signal=self.signals.signum,
+                                                 over_time=over_time)
                 row = train_row(st.global_step, st.epoch, stats, flags)
-                row["steps_per_s"] = steps_since_log / elapsed
-                row["samples_per_s"] = samples * self.env.world_size / elapsed  # equal shards on every rank
-                row["step_ms"] = 1000 * elapsed / steps_since_log
-                row["data_wait"] = (prefetcher.wait_s - wait0) / elapsed  # share of wall time waiting for data
-                if dev.type == "cuda":
-                    row["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30  # allocator stats: no sync
-                if self.flops_per_sample:  # model FLOPs utilisation against the GPU's dense bf16 peak
-                    row["mfu"] = self.flops_per_sample * row["samples_per_s"] / self.env.world_size / self.peak_flops
-                samples, wait0 = 0, prefetcher.wait_s
+                row.update(meter.read(prefetcher.wait_s, self.flops_per_sample, self.peak_flops))
                 self._emit("on_train_log", row)
                 self._log_row(row)
-                t_log, steps_since_log = time.time(), 0
                 halt = self.nonfinite.update(flags, st.global_step)
                 if halt:
                     st.halted = True
@@ -307,8 +310,7 @@ class Trainer:
 
     def test(self, ckpt_path: str | None = None, split: str = "test") -> dict[str, float]:
         """Evaluate `split` (default test, else val) with weights from `ckpt_path` (if given)."""
-        if split not in self.loaders:
-            split = "val"
+        split = split if split in self.loaders else "val"
         if split not in self.loaders:
             raise ConfigError("test needs a test or val split")
         if ckpt_path:  # checked before a run directory is made
@@ -347,16 +349,13 @@ class Trainer:
         self.lock = rundir.open_run_dir(run_dir, dump_yaml(self.cfg), is_main=self.is_main, resuming=resuming,
                                         overwrite=tc.overwrite, resume_auto=tc.resume == "auto", note=self._note)
         setup_text_log(run_dir, self.is_main)
-        for note in self.setup_notes or []:  # decisions made while building, before the text log existed
+        for note in self.setup_notes:  # decisions made while building, before the text log existed
             log.info(note)
-        self.setup_notes = None  # from here on, notes are logged at once
+        self.setup_notes = LoggedNow()  # from here on, notes are logged as they come
 
     def _note(self, text: str) -> None:
         """An info line for train.log: logged now, or once the run directory's log exists."""
-        if self.setup_notes is None:
-            log.info(text)
-        else:
-            self.setup_notes.append(text)
+        self.setup_notes.append(text)
 
     def _start_loggers(self) -> None:
         """After a resume has cut metrics.jsonl back to the checkpoint's rows."""

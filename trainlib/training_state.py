@@ -33,6 +33,7 @@ def capture(trainer: Any, epoch_done: bool) -> dict:
         # each rank's sums of the unfinished epoch (pending items as they are: summing changes rounding)
         "accumulators": dist.all_gather_object(None if epoch_done else t.stats.state_dict()),
         "sampler_seed": t.tc.seed, "world_size": t.env.world_size,
+        "micro_splits": t.step.splits,  # trainer.oom_recovery: loader batches cut into this many micro-batches
         "rng": dist.all_gather_object(dist.rng_state()),
         "callbacks": {cb.key: cb.state_dict() for cb in t.callbacks if cb.key},
         "config": to_dict(t.cfg),
@@ -80,6 +81,7 @@ def restore(trainer: Any, path: str | os.PathLike, weights_only: bool = False) -
         if t.ema:
             t.ema.reset()
         return
+    keep_found_batch(t, saved.get("config", {}), path)
     if left_out and t.tc.ckpt_path:  # the run started from these weights: its frozen ones come from there
         restore(trainer, t.tc.ckpt_path, weights_only=True)
     t.wrapped.load_state_dict(saved["model"], str(path), left_out)
@@ -100,11 +102,29 @@ def restore(trainer: Any, path: str | os.PathLike, weights_only: bool = False) -
     elif len(saved["accumulators"]) == env.world_size and saved["accumulators"][env.rank] is not None:
         t.stats.load_state_dict(saved["accumulators"][env.rank])
     t.nonfinite.load_state_dict(saved.get("skips", {}))
+    t.step.set_splits(saved.get("micro_splits", 1))
     if len(saved["rng"]) == env.world_size:
         dist.set_rng_state(saved["rng"][env.rank])
     else:
         log.warning(f"{path} was written by {len(saved['rng'])} process(es), this run has {env.world_size}: "
                     "random streams restart from the seed (results will differ from an uninterrupted run)")
+
+
+def keep_found_batch(trainer: Any, saved_config: dict, path: Any) -> None:
+    """tune.auto_scale_batch_size chose data.batch_size (and the accumulation) when the run began:
+    a resume takes them from the checkpoint's config (the finder does not run again), so the
+    epoch's position and the global batch mean what they meant."""
+    t = trainer
+    if not t.cfg.tune.auto_scale_batch_size:
+        return
+    batch = saved_config.get("data", {}).get("batch_size")
+    accumulate = saved_config.get("trainer", {}).get("accumulate_grad_batches")
+    if batch is None or (batch, accumulate) == (t.cfg.data.batch_size, t.tc.accumulate_grad_batches):
+        return
+    t.cfg.data.batch_size, t.tc.accumulate_grad_batches = batch, accumulate or t.tc.accumulate_grad_batches
+    t._build_data()
+    t._note(f"tune.auto_scale_batch_size: data.batch_size={batch}, trainer.accumulate_grad_batches="
+            f"{t.tc.accumulate_grad_batches} as chosen when the run began ({path})")
 
 
 def restore_newest(trainer: Any, candidates: list) -> Any:

@@ -24,7 +24,7 @@ from .synthetic import make_synthetic as write_synthetic
 
 __all__ = ["recipe", "PDAN", "PDANConfig", "PDANData", "FrameMAP", "DAL", "DataError", "build_model",
            "build_datasets", "build_loss", "build_collate", "collate", "length_buckets", "padded_length",
-           "forward", "loss_last_stage", "loss_all_stages", "make_synthetic", "resolved_input_channels",
+           "forward", "blocks", "loss_last_stage", "loss_all_stages", "make_synthetic", "resolved_input_channels",
            "frame_labels", "loc25_points", "average_precision", "write_synthetic"]
 
 
@@ -65,6 +65,12 @@ def build_loss(cfg: Any):
     return loss_all_stages if cfg.model.loss_all_stages else loss_last_stage
 
 
+def blocks(model: PDAN) -> list:
+    """The repeated blocks: every stage's dilated attention layers (PDANBlock), the FSDP units
+    under trainer.strategy=fsdp and the recomputed blocks with trainer.gradient_checkpointing=true."""
+    return [layer for stage in (model.stage1, *model.stages) for layer in stage.layers]
+
+
 def make_synthetic(root: str, cfg: Any) -> dict:
     """The demo dataset (fixed seed, so every process writes the same bytes) sized by cfg.model."""
     k = int(cfg.model.num_classes)
@@ -84,6 +90,7 @@ recipe = Recipe(
     forward=forward,
     collate=build_collate,
     make_synthetic=make_synthetic,
+    blocks=blocks,
     defaults={"optim.name": "adamw", "optim.lr": 1e-4, "optim.scheduler": "cosine",
               "trainer.max_epochs": 50, "trainer.monitor": "val/map", "trainer.mode": "max"},
     demo={"model.num_classes": DEMO["num_classes"], "trainer.max_epochs": 10, "optim.lr": 1e-3},

@@ -268,6 +268,16 @@ class CharadesFeatures(torch.utils.data.Dataset):
         videos with one key batch to one shape)."""
         return [padded_length(t, self.buckets, self.pow2_from) for t in self.num_frames]
 
+    def class_labels(self) -> list[int]:
+        """One class per video, for data.use_class_balanced_sampler / progressive_class_balancing:
+        the action class labelling the most frames under the PDAN frame rule (ties: the lowest class
+        index); a video with no labelled frame gets num_classes, a "no action" class of its own."""
+        out = []
+        for t, dur, acts in zip(self.num_frames, self.durations, self.actions):
+            frames = frame_labels(t, dur, acts, self.num_classes).sum(0)
+            out.append(int(frames.argmax()) if frames.max(initial=0) > 0 else self.num_classes)
+        return out
+
     def path(self, video_id: str) -> str:
         return os.path.join(self.root, f"{video_id}.npy")
 

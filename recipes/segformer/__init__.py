@@ -27,7 +27,7 @@ from .synthetic import DEMO
 from .synthetic import make_synthetic as write_synthetic
 
 __all__ = ["recipe", "SegFormer", "SegFormerConfig", "SegFormerData", "SegmentationPairs", "MeanIoU", "VARIANTS",
-           "architecture", "build_model", "build_datasets", "loss", "forward", "metrics", "make_synthetic",
+           "architecture", "build_model", "build_datasets", "loss", "forward", "blocks", "metrics", "make_synthetic",
            "write_synthetic", "search_space", "from_pretrained", "load_pretrained", "hf_to_ours", "ours_to_hf",
            "to_hf_state_dict", "class_names", "label_lut", "read_metadata", "IGNORE_INDEX"]
 
@@ -57,6 +57,12 @@ def metrics(cfg: Any) -> list:
     return [MeanIoU(cfg.model.num_labels, class_names(cfg), cfg.data.eval_ignore_labels)]
 
 
+def blocks(model: SegFormer) -> list:
+    """The repeated blocks: the encoder's transformer blocks of every stage, the FSDP units under
+    trainer.strategy=fsdp and the recomputed blocks with trainer.gradient_checkpointing=true."""
+    return [blk for stage in model.encoder.block for blk in stage]
+
+
 def make_synthetic(root: str, cfg: Any) -> dict:
     """The demo dataset (fixed seed: every process would write the same bytes) with model.num_labels classes."""
     return write_synthetic(root, num_labels=int(cfg.model.num_labels), seed=0)
@@ -84,6 +90,7 @@ recipe = Recipe(
     forward=forward,
     make_synthetic=make_synthetic,
     search_space=search_space,
+    blocks=blocks,
     inference_overrides={"model.pretrained": ""},  # load_model: the saved weights replace the start-from weights
     defaults={"optim.name": "adamw", "optim.lr": 6e-5, "optim.scheduler": "none", "trainer.max_epochs": 50,
               "trainer.monitor": "val/miou", "trainer.mode": "max"},

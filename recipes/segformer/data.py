@@ -323,9 +323,23 @@ class SegmentationPairs(torch.utils.data.Dataset):
         self.allowed = allowed_values(self.num_labels, self.reduce_labels)
         self.mean = torch.tensor(MEAN).view(3, 1, 1)
         self.std = torch.tensor(STD).view(3, 1, 1)
+        self._class_labels: list[int] | None = None  # class_labels(), computed on first use
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def class_labels(self) -> list[int]:
+        """One class per image, for data.use_class_balanced_sampler / progressive_class_balancing:
+        the most frequent non-ignored class of its full (uncropped) training label mask (ties: the
+        lowest index); a mask with every pixel ignored gets num_labels, a class of its own. Every
+        mask is read once, on the first call (not at construction), and the answer is cached."""
+        if self._class_labels is None:
+            out = []
+            for _, mask_path in self.pairs:
+                counts = np.bincount(self.lut[read_mask(mask_path)].ravel(), minlength=256)[:IGNORE_INDEX]
+                out.append(int(counts.argmax()) if counts.any() else self.num_labels)
+            self._class_labels = out
+        return list(self._class_labels)
 
     def __getitem__(self, i: int) -> dict:
         image_path, mask_path = self.pairs[i]
