@@ -242,35 +242,30 @@ class BatchFetch(Dataset):
         return ds.get_batch(indices)  # type: ignore[attr-defined]
 
 
-def shape_keys(dataset: Any) -> list | None:
-    """One key per sample saying what shape it collates to (`dataset.shape_keys()`), also through
+def per_sample(dataset: Any, method: str) -> list | None:
+    """`dataset.<method>()` (one value per sample, a tensor or array becomes a list), also through
     Subset and ConcatDataset (hyperopt's train fraction, its final train+val run); None if unknown."""
-    own = getattr(dataset, "shape_keys", None)
+    own = getattr(dataset, method, None)
     if callable(own):
-        return list(own())
+        values = own()
+        return values.tolist() if isinstance(values, (torch.Tensor, np.ndarray)) else list(values)
     if isinstance(dataset, torch.utils.data.Subset):
-        inner = shape_keys(dataset.dataset)
+        inner = per_sample(dataset.dataset, method)
         return None if inner is None else [inner[i] for i in dataset.indices]
     if isinstance(dataset, torch.utils.data.ConcatDataset):
-        parts = [shape_keys(d) for d in dataset.datasets]
+        parts = [per_sample(d, method) for d in dataset.datasets]
         return None if any(p is None for p in parts) else [k for p in parts for k in p]  # type: ignore[union-attr]
     return None
+
+
+def shape_keys(dataset: Any) -> list | None:
+    """One key per sample saying what shape it collates to (`dataset.shape_keys()`)."""
+    return per_sample(dataset, "shape_keys")
 
 
 def class_labels(dataset: Any) -> list | None:
-    """One int class label per sample (`dataset.class_labels()`, for class-balanced sampling), also
-    through Subset and ConcatDataset; None if the dataset has none. A tensor or array becomes a list."""
-    own = getattr(dataset, "class_labels", None)
-    if callable(own):
-        labels = own()
-        return labels.tolist() if isinstance(labels, (torch.Tensor, np.ndarray)) else list(labels)
-    if isinstance(dataset, torch.utils.data.Subset):
-        inner = class_labels(dataset.dataset)
-        return None if inner is None else [inner[i] for i in dataset.indices]
-    if isinstance(dataset, torch.utils.data.ConcatDataset):
-        parts = [class_labels(d) for d in dataset.datasets]
-        return None if any(p is None for p in parts) else [k for p in parts for k in p]  # type: ignore[union-attr]
-    return None
+    """One int class label per sample (`dataset.class_labels()`, for class-balanced sampling)."""
+    return per_sample(dataset, "class_labels")
 
 
 def fetches_batches(dataset: Any) -> bool:
