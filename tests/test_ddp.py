@@ -36,3 +36,19 @@ def test_two_processes_match_one_process_and_see_disjoint_samples(tmp_path):
         assert not set(a) & set(b), "ranks must see disjoint samples"
         assert sorted(a + b) == list(range(96))
     assert seen[0]["0"] != seen[0]["1"], "the sampler must reshuffle every epoch"
+
+
+def test_the_step_statistics_ride_in_the_gradient_all_reduce(tmp_path):
+    """Exact normalisation needs the step's global weight; under eager DDP it is reduced together with
+    the gradients (one all-reduce of params + 2 numbers per step), not by a blocking collective of its own."""
+    import json as _json
+
+    out = _run(tmp_path, "count", 2, ["data.batch_size=4", "trainer.accumulate_grad_batches=2", "log.every_n_steps=1000",
+                                      "--toy-count_all_reduce=1"])
+    n_params = sum(p.numel() for p in __import__("tests.toy", fromlist=["toy_model"]).toy_model().parameters())
+    for r in (0, 1):
+        sizes = _json.loads((out / f"all_reduce_rank{r}.json").read_text())
+        steps = _json.loads((out / f"end_rank{r}.json").read_text())["step"]
+        assert steps == 12 and sizes.count(n_params + 2) == steps, sizes[:20]
+        # size 2 only for the epoch's mean loss at each epoch end, never per step
+        assert sizes.count(2) == 2, "a separate all-reduce of [weight, non-finite flag] per step"

@@ -125,6 +125,7 @@ def set_trainable(trainer: Any, changes: dict[str, bool], event: str) -> list[st
         old._remove_autograd_hooks()
         w.train_module = parallel.data_parallel(w.compiled, t.device, t.tc.find_unused_parameters, w.use_graphs)
         w.train_module.training = old.training
+        t.step.attach(w.train_module)  # the step's statistics ride in its gradient all-reduce
     if t.step.graphs is not None:
         t.step.graphs.reset()
     trainable = [p for p in params.values() if p.requires_grad]
