@@ -11,6 +11,29 @@ set -euo pipefail
 
 readonly PROG="launch/train_ddp.sh"
 
+# The recipes this script can start (\`-m recipes.<name>\`): the installed packages' trainlib.recipes
+# entry points (what trainlib.available_recipes() reads) that live under recipes/, else the
+# packages in the recipes/ folder next to this script.
+list_recipes() {
+    local py names="" d dir
+    py=$(command -v python || command -v python3 || true)
+    if [[ -n "${py}" ]]; then
+        names=$("${py}" -c 'from importlib.metadata import entry_points
+print(", ".join(sorted({e.name for e in entry_points(group="trainlib.recipes") if e.value.startswith("recipes.")})))' \
+            2>/dev/null || true)
+    fi
+    if [[ -z "${names}" ]]; then
+        dir="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
+        for d in "${dir%/*}"/recipes/*/__init__.py; do
+            [[ -e "${d}" ]] || continue
+            d=${d%/__init__.py}
+            [[ "${d##*/}" != _* ]] || continue
+            names+="${names:+, }${d##*/}"
+        done
+    fi
+    printf '%s' "${names:-none found}"
+}
+
 usage() {
     cat <<EOF
 Usage: bash ${PROG} [options] [section.key=value ...] [-- args ...]
@@ -22,7 +45,7 @@ after \`--\` is passed on verbatim too.
 Options:
   -c, --config FILE     YAML config, passed on as \`--config FILE\`.
                         Default: none.
-  -r, --recipe NAME     recipe package under recipes/ (pdan, mvfoul, segformer, xca, panollava).
+  -r, --recipe NAME     recipe package under recipes/; registered here: $(list_recipes).
                         Default: the config's top-level \`recipe:\` key; one of the two is required.
   -g, --gpus IDS        GPU ids, e.g. "1,2,3": sets CUDA_VISIBLE_DEVICES=1,2,3 and starts one
                         process per id. Refuses to start when no GPU is visible or an id is not

@@ -231,3 +231,55 @@ def test_config_file_of_another_recipe_is_refused(tmp_path, capsys):
         p.write_text(head + "trainer: {max_epochs: 2}\n")
         assert build_config(recipe, ["--config", str(p)])[0].trainer.max_epochs == 2
     assert not (tmp_path / "runs").exists()
+
+
+# ---- preset=demo: the recipe's demo settings as a named preset ---------------------------------------
+
+
+def test_preset_demo_is_auto_without_data_root_and_named_on_any_data(tmp_path, capsys):
+    from recipes.pdan import recipe
+    from trainlib.recipe import build_config
+
+    def built(*argv):
+        c, _, synthetic = build_config(recipe, list(argv))
+        return c.preset, synthetic, c.model.num_classes, c.trainer.max_epochs, c.optim.lr
+
+    assert built() == ("demo", True, 10, 10, 1e-3)                              # as before: auto without data.root
+    assert "[trainlib] preset demo (auto: no data.root): model.num_classes=10" in capsys.readouterr().out
+    assert built("preset=none") == ("none", True, 157, 50, 1e-4)                # off, still the synthetic data
+    assert built("data.root=/d") == ("none", False, 157, 50, 1e-4)              # real data: off unless asked
+    # asked for on real data: the size settings, not the synthetic data's class count; your keys win
+    assert built("data.root=/d", "--preset", "demo") == ("demo", False, 157, 10, 1e-3)
+    assert built("data.root=/d", "preset=demo", "--lr", "0.01", "model.num_classes=20") == ("demo", False, 20, 10, 0.01)
+    p = tmp_path / "c.yaml"
+    p.write_text("preset: demo\ndata: {root: /d}\ntrainer: {max_epochs: 3}\n")
+    assert built("--config", str(p)) == ("demo", False, 157, 3, 1e-3)
+    assert built("--config", str(p), "preset=none") == ("none", False, 157, 3, 1e-4)
+    with pytest.raises(ConfigError, match=r"^config key 'preset': expected '' \(auto\), demo or none, got 'fast'$"):
+        build_config(recipe, ["preset=fast"])
+
+
+def test_preset_demo_is_what_help_shows():
+    from recipes.segformer import recipe
+    from trainlib.recipe import USAGE, build_config, preset_help
+
+    text = USAGE.format(module="recipes.segformer", description="", preset=preset_help(recipe))
+    for k, v in recipe.demo.items():
+        assert f"    {k}={v}" in text
+    assert "model.num_labels=6   (synthetic data only)" in text and "preset=none" in text
+    c = build_config(recipe, ["--help"])[0]                   # --help shows the defaults ...
+    assert (c.data.image_size, c.trainer.max_epochs) == (512, 50)
+    c = build_config(recipe, ["--help", "preset=demo"])[0]    # ... or, asked, the preset's values
+    assert (c.data.image_size, c.trainer.max_epochs) == (64, 12)
+
+
+def test_preset_demo_of_a_recipe_without_demo_settings_is_refused():
+    import dataclasses
+
+    from recipes.pdan import recipe
+    from trainlib.recipe import build_config
+
+    bare = dataclasses.replace(recipe, demo={})
+    assert build_config(bare, [])[0].trainer.max_epochs == 50
+    with pytest.raises(ConfigError, match="preset=demo: recipe pdan has no demo settings"):
+        build_config(bare, ["preset=demo"])

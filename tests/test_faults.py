@@ -45,6 +45,20 @@ def test_a_rank_that_raises_ends_every_rank_with_its_name(tmp_path):
     assert "[rank 0] stopped" in text or "rank: 1" in text, text[-3000:]
 
 
+def test_bad_input_on_one_rank_ends_every_rank_with_its_one_line_and_exit_code_2(tmp_path):
+    p = start(command(2, tmp_path / "out", tmp_path / "runs" / "bad",
+                      ["--toy-fail_step=5", "--toy-fail_rank=1", "--toy-fail_user=1", "trainer.ddp_timeout=60"]))
+    text = p.communicate(timeout=120)[0].decode()  # the guard: a hang fails the test here
+    assert p.returncode != 0
+    line = "error: sample file broken.npy: expected 4 frames (injected on rank 1)"
+    assert f"[rank 1] {line}" in text, text[-3000:]
+    assert f"[rank 0] {line} (rank 1)" in text, text[-3000:]  # told through the rendezvous store
+    assert "[rank 0] stopped: a collective failed" not in text
+    # torchrun's summary: both exit codes 2, and the message as the root cause instead of a hint
+    assert text.count("exitcode  : 2") == 2, text[-3000:]
+    assert f"traceback : {line}" in text and "To enable traceback see" not in text, text[-3000:]
+
+
 def test_elastic_restart_resumes_from_last_checkpoint(tmp_path):
     ref_out, ref_dir = tmp_path / "ref_out", tmp_path / "runs" / "ref"
     finish(start(command(2, ref_out, ref_dir, [])))
@@ -192,7 +206,8 @@ def test_two_processes_stop_together_on_a_nonfinite_loss_of_one_rank(tmp_path):
                                         "trainer.ckpt_every_n_steps=0"]))
     text = p.communicate(timeout=120)[0].decode()
     assert p.returncode == 0, text[-3000:]
-    assert text.count("stopped: non-finite loss or gradient at step") == 1, text[-3000:]  # rank 0's line
+    stop_lines = [line for line in text.splitlines() if line.startswith("stopped: non-finite loss or gradient at step")]
+    assert len(stop_lines) == 1, text[-3000:]  # rank 0's line (the run summary restates it, indented)
     end = [json.loads((out / f"end_rank{r}.json").read_text()) for r in (0, 1)]
     assert end[0] == end[1] and "non-finite loss or gradient at step" in end[0]["stop_reason"]
     state = checkpoint.load(run_dir / "checkpoints" / "last.ckpt")

@@ -7,7 +7,8 @@ What is checked with real runs (PDAN, tiny model, 2 epochs per trial):
 - 2 processes: a pruner that prunes at the first report stops every rank at the same step;
 - 1 process without torchrun: an exception and a NaN loss fail their trials, the study goes on;
 - an sqlite study SIGKILLed during its second trial continues to n_trials when run again;
-- --skip-hyperopt --hyperparams-file runs only the final training, with the params applied.
+- --skip-hyperopt --hyperparams-file runs only the final training, with the params applied;
+- the same command run again extends the study to hpo.n_trials and finishes its final training.
 
 The toy recipe below is PDAN with a search space of its own and failures on demand: the workers
 of a run import it as `recipe=tests.test_hyperopt`; HPO_TOY_FAIL="1=rank1,2=nan" makes trial 1
@@ -305,33 +306,45 @@ def test_space_checks_and_yaml_section(tmp_path):
     assert s.out == tmp_path / "st" / "best_hyperparams.json"
 
 
-def test_a_finished_study_run_again_says_what_works_for_its_final_training(tmp_path, capsys):
-    """launch.hyperopt names the final run 'final', so the trainer's 'pick another trainer.run_name' cannot
-    apply: the study refuses at start, and each thing it suggests works."""
+def test_running_a_study_again_extends_it_and_finishes_its_final_training_whatever_its_stage(tmp_path, capsys):
+    """The same command run again continues the study to hpo.n_trials, then finishes the final training:
+    skipped when it is done with the same values, continued when it was cut short, trained again when
+    the values changed; raising hpo.n_trials extends the study."""
     db = tmp_path / "study.db"
-    args = ["recipe=pdan", "hpo.n_trials=1", "hpo.study_name=done", f"hpo.storage=sqlite:///{db}", LR_SPACE,
-            "hpo.train_fraction=0.25", f"trainer.out_dir={tmp_path}", *TINY, "trainer.max_epochs=1"]
-    assert main(args) == 0
+    args = ["recipe=pdan", "hpo.study_name=done", f"hpo.storage=sqlite:///{db}", LR_SPACE, "hpo.train_fraction=0.25",
+            f"trainer.out_dir={tmp_path}", *TINY, "trainer.max_epochs=1"]
     final = tmp_path / "done" / "final"
-    rows = (final / "metrics.jsonl").read_text()
 
     def losses():
         return [(r["split"], r["step"], r.get("loss")) for r in map(json.loads, (final / "metrics.jsonl").open())]
-    first = losses()
+
+    def best_params():
+        return json.loads((tmp_path / "done" / "best_hyperparams.json").read_text())["params"]
+
+    assert main([*args, "hpo.n_trials=2"]) == 0
+    first, kept = losses(), {p.name: p.read_bytes() for p in final.iterdir() if p.is_file() and p.name != ".lock"}
+    assert len(trials_of(db, "done")) == 2 and config_value(final, "optim.lr") == best_params()["optim.lr"]
     capsys.readouterr()
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err == (f"error: {final} already holds the final training of study done: train it again with "
-                   f"trainer.overwrite=true, continue it with trainer.resume=auto, or start a new study with "
-                   f"hpo.study_name=<new name>\n")
-    assert (final / "metrics.jsonl").read_text() == rows and len(trials_of(db, "done")) == 1
-    assert main([*args, "--skip-hyperopt"]) == 2
-    assert f"or train in a new folder with hpo.study_name=<new name> --hyperparams-file {tmp_path / 'done'}" \
-           f"/best_hyperparams.json\n" in capsys.readouterr().err
-    assert main([*args, "trainer.resume=auto"]) == 0                       # continued: already at its end
+    assert main([*args, "hpo.n_trials=2"]) == 0                       # all done: nothing is trained or written
+    assert f"{final} already holds the finished final training with these values" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in final.iterdir() if p.is_file() and p.name != ".lock"} == kept
+    (final / "model.safetensors").unlink()                           # as a kill before the end leaves it
+    (final / "summary.json").unlink(missing_ok=True)
+    assert main([*args, "hpo.n_trials=2"]) == 0
+    assert "cut short: continuing it (trainer.resume=auto)" in capsys.readouterr().out
     assert f"resumed from {final / 'checkpoints' / 'last.ckpt'}" in (final / "train.log").read_text()
-    assert main([*args, "trainer.overwrite=true"]) == 0                    # trained again, same values
-    assert losses() == first and len(trials_of(db, "done")) == 1
+    assert (final / "model.safetensors").is_file() and losses() == first
+    assert main([*args, "hpo.n_trials=3"]) == 0                       # extended: one more trial, the final follows
+    out = capsys.readouterr().out
+    assert "continuing with 2 trial(s) done" in out and len(trials_of(db, "done")) == 3
+    assert config_value(final, "optim.lr") == best_params()["optim.lr"] and (final / "model.safetensors").is_file()
+    assert main([*args, "hpo.n_trials=3", "optim.weight_decay=0.01"]) == 0    # other values: trained again
+    assert "holds a final training with other values (optim.weight_decay: 0.0 -> 0.01)" in capsys.readouterr().out
+    assert config_value(final, "optim.weight_decay") == 0.01 and len(trials_of(db, "done")) == 3
+    assert "trainer.overwrite=true: removed the previous run's files" in (final / "train.log").read_text()
+    # --skip-hyperopt follows the same rule
+    assert main([*args, "hpo.n_trials=3", "optim.weight_decay=0.01", "--skip-hyperopt"]) == 0
+    assert "already holds the finished final training" in capsys.readouterr().out
 
 
 def test_values_out_of_a_keys_bounds_are_refused_before_any_trial(tmp_path, capsys):

@@ -332,5 +332,5 @@ def test_max_steps_between_logging_steps_still_logs_them(tmp_path):
     t = train(tmp_path, "trainer.run_name=m", "trainer.max_steps=5", "log.every_n_steps=10")
     rows = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
     assert t.global_step == 5 and [r["step"] for r in rows if r["split"] == "train"] == [5]
-    with pytest.raises(ConfigError, match="config key 'log.loggers': expected any of console, jsonl, tensorboard"):
+    with pytest.raises(ConfigError, match="config key 'log.loggers': expected any of console, jsonl, .*tensorboard"):
         train(tmp_path, "trainer.run_name=x", "log.loggers=[tensorbord]")

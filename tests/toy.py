@@ -130,6 +130,7 @@ def make_trainer(overrides: list[str], data: ToyData | None = None, model: nn.Mo
     cfg.optim.lr = 0.05
     cfg.optim.momentum = 0.0
     cfg.log.loggers = ["jsonl"]
+    cfg.log.plots = False  # (matplotlib's import in every test process: tests/test_runs_tools.py checks plots)
     cfg.trainer.monitor = "val/loss"
     apply_overrides(cfg, overrides)
     data = data or ToyData()
@@ -139,7 +140,7 @@ def make_trainer(overrides: list[str], data: ToyData | None = None, model: nn.Mo
 
 def split_toy_flags(argv: list[str]) -> tuple[dict[str, float], list[str]]:
     """--toy-NAME=VALUE flags (augment, dropout, delay, buffer_mb, n, ragged, freeze_last, lr_tensor, fake_graphs,
-    blocks, freeze, oom_above, oom_step, oom_rank) vs trainer overrides."""
+    blocks, freeze, oom_above, oom_step, oom_rank, count_all_reduce) vs trainer overrides."""
     flags, rest = {}, []
     for a in argv:
         if a.startswith("--toy-"):
@@ -195,6 +196,17 @@ if __name__ == "__main__":
             return toy_forward(model, batch)
 
         kw["forward_fn"] = tight_memory
+    if flags.get("count_all_reduce"):  # --toy-count_all_reduce=1: the size of every all_reduce, per rank
+        import torch.distributed as torch_dist
+
+        sizes: list[int] = []
+        real_all_reduce = torch_dist.all_reduce
+
+        def counted(tensor, *a, **k):
+            sizes.append(tensor.numel())
+            return real_all_reduce(tensor, *a, **k)
+
+        torch_dist.all_reduce = counted
     trainer = make_trainer(overrides, data, model, **kw)
     seen_by_epoch: dict[int, list[int]] = {}
 
@@ -219,6 +231,10 @@ if __name__ == "__main__":
                     marker.write_text("x")
                     os._exit(3)
                 return
+            if flags.get("fail_user"):  # --toy-fail_user=1: bad input found on that rank only
+                from trainlib.config import DataError
+
+                raise DataError(f"sample file broken.npy: expected 4 frames (injected on rank {t.rank})")
             raise RuntimeError(f"injected failure on rank {t.rank} at step {t.global_step}")
 
     trainer.callbacks += [Record(), Fault()]
@@ -253,6 +269,8 @@ if __name__ == "__main__":
         if isinstance(trainer.model, BlockNet):  # the weights' dtype inside the forward
             held["forward_dtype"] = [b.forward_dtype for b in trainer.model.blocks]
         (out / f"held_rank{rank}.json").write_text(json.dumps(held))
+        if flags.get("count_all_reduce"):
+            (out / f"all_reduce_rank{rank}.json").write_text(json.dumps(sizes))
         (out / f"end_rank{rank}.json").write_text(json.dumps({"step": trainer.global_step,
                                                               "stop_reason": trainer.stop_reason}))
         if rank == 0:

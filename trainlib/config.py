@@ -36,6 +36,7 @@ class DataError(UserError, ValueError):
 # Spellings users of Lightning and the seed projects type, mapped to ours.
 VALUE_ALIASES: dict[str, dict[str, str]] = {
     "trainer.precision": {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "16-true": "16-mixed"},
+    "log.progress": {"False": "off", "True": "auto"},  # YAML reads `off` (and no, false) as a boolean
 }
 
 
@@ -109,7 +110,7 @@ def rule(expected: str, ok: Callable[[Any], bool]) -> Callable[[Any], str]:
     return check
 
 
-LOGGERS = ("console", "jsonl", "tensorboard", "wandb")  # loggers.py builds them
+LOGGERS = ("console", "jsonl", "csv", "tensorboard", "wandb")  # loggers.py builds them
 _COUNT_OR_ALL = rule("a count >= 0, or -1 for all", lambda v: v >= -1)
 
 
@@ -248,9 +249,9 @@ class TrainerConfig:
     fast_dev_run: Union[bool, int] = opt(False, "true or N: run N (1) train and val batches, one epoch, write no checkpoints", ge=0)
     test_only: bool = opt(False, "skip training: load trainer.ckpt_path and evaluate the test split")
     ckpt_path: str = opt("", "checkpoint to load weights from (test_only, or fine-tuning start)")
-    resume: str = opt("", "resume from a checkpoint path, or 'auto' = last.ckpt of the run directory")
+    resume: str = opt("", "a checkpoint file or run folder (continued in its run), or 'auto': the run_name's newest checkpoint, else the newest run of the recipe whose config matches")
     out_dir: str = opt("runs", "parent folder of run directories")
-    run_name: str = opt("", "run directory name under out_dir (default: <recipe>_<date>_<time>)",
+    run_name: str = opt("", "run directory name under out_dir (default: <recipe>_<date>_<time>, -2, -3, ... when taken)",
                         check=rule("a folder name (no '/', not '.' or '..')",
                                    lambda v: "/" not in v and "\\" not in v and v not in (".", "..")))
     overwrite: bool = opt(False, "allow a fresh run in a run directory that already holds a run")
@@ -324,15 +325,17 @@ class ProfilerConfig:
 
 @dataclass
 class LogConfig:
-    loggers: list[str] = opt(["console", "jsonl"], "any of console, jsonl, tensorboard, wandb (jsonl is always on)",
+    loggers: list[str] = opt(["console", "jsonl"], "any of console, jsonl, csv, tensorboard, wandb (jsonl is always on; csv: metrics.csv)",
                              check=rule(f"any of {', '.join(LOGGERS)} (or both: tensorboard and wandb)",
                                         lambda v: all(n in (*LOGGERS, "both") for n in v)))
     every_n_steps: int = opt(10, "log training metrics every n optimizer steps (the only host syncs in the loop)", ge=1)
-    progress_bar: bool = opt(True, "tqdm progress bar on rank 0 (console logger)")
+    progress: Literal["auto", "bar", "lines", "off"] = opt("auto", "progress on rank 0 (console logger): bar: a tqdm bar per epoch (epoch x/N, loss, lr, it/s, ETA); lines: one plain line per logging step with the same fields (tee, nohup, CI); auto: bar in a terminal or notebook, lines otherwise (the environment variable TRAINLIB_BAR=1 makes auto mean bar); off: neither. train.log gets the lines unless off")
+    progress_bar: bool = opt(True, "old switch, kept as an alias: false means log.progress=off (whatever log.progress says)")
     wandb_project: str = opt("trainlib", "wandb project")
     wandb_entity: str = opt("", "wandb entity (team or user)")
     wandb_mode: Literal["offline", "online", "disabled"] = opt("offline", "wandb mode; offline unless you opt in")
     wandb_group: str = opt("", "wandb group (hyper-parameter studies group their trials)")
+    plots: bool = opt(True, "at the end of fit, write <run>/plots/*.png (loss, validation metrics, lr against step) when matplotlib is installed")
     log_gpu_memory: bool = opt(False, "add allocated, reserved and peak CUDA memory (GB) of this process to every training log row")
 
 
@@ -363,6 +366,8 @@ class Config:
     model: Any = None
     recipe: str = opt("", "the recipe this config belongs to (set by the recipe; YAML files may name it)")
     stage: str = opt("", "a recipe with stages: the stage to run, or all (the default) for every one in order")
+    preset: str = opt("", "demo: the recipe's demo settings (its --help lists them) under yours, on any data; none: never; '' (auto): demo without data.root",
+                      check=rule("'' (auto), demo or none", lambda v: v in ("", "demo", "none")))
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ Optuna is imported only on rank 0 and only here (`pip install optuna`, or trainl
 """
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
@@ -46,10 +47,11 @@ from . import dist
 from .checkpoint import atomic_write_bytes
 from .config import ConfigError, UserError, apply_dict, help_text, read_yaml, set_value, validate
 from .recipe import (ENGINE_ALIASES, _is_recipe, available_recipes, find_recipe, guarded, make_config, parse_cli,
-                     recipe_ref, run)
+                     recipe_ref, run, synthetic_root)
 from .search_space import apply_params, check_space, default_space, draw_params, probe_search_space, sample_space
 from .study_setup import HPO_ALIASES, HPOConfig, HPOSection, Setup, StudyError
-from .rundir import holds_run
+from .rundir import (LENGTH_KEYS, RESUME_MAY_DIFFER, config_differences, differences_text, holds_run, newest_checkpoint,
+                     read_config)
 from .trials import StudyGroup, TrialMonitor, cleanup_trial, combine, run_trial, wandb_group
 from .trials import trial_config  # noqa: F401 - importable from here, as before the split
 
@@ -402,28 +404,50 @@ def read_hyperparams(path: str) -> dict:
                       f"or a flat {{config key: value}} object")
 
 
-def check_final_free(s: Setup) -> None:
-    """The final training always runs in <study>/final (run_name is forced), so the trainer's advice for
-    an occupied run directory (another trainer.run_name) cannot work here: say what does, at start."""
-    final, t, h = s.study_dir / "final", s.cfg.trainer, s.hpo
-    held = holds_run(final)
-    # a new in-memory study refuses a folder with trials anyway, with its own advice (open_study)
-    other = not h.storage and not h.skip_hyperopt and any(s.study_dir.glob("trial_*"))
-    if dist.broadcast_object(held and not (t.overwrite or t.resume or other)):  # rank 0 decides for all
-        new = (f"train in a new folder with hpo.study_name=<new name> --hyperparams-file "
-               f"{h.hyperparams_file or s.out}" if h.skip_hyperopt
-               else "start a new study with hpo.study_name=<new name>")
-        raise ConfigError(f"{final} already holds the final training of study {s.study_name}: train it again with "
-                          f"trainer.overwrite=true, continue it with trainer.resume=auto, or {new}")
+def plan_final(s: Setup, cfg: Any) -> tuple[str, str]:
+    """Rank 0: what the final training does with what <study>/final already holds, so that the same
+    command run again finishes the job whatever stage the previous attempt reached. -> (action, line):
+    'train': nothing there, or trainer.resume / trainer.overwrite given (they decide, as in any run);
+    'skip': a finished final training with this config (best params included, same run length);
+    'resume': one with this config cut short, or trained for less (trainer.max_epochs raised): trainer.resume=auto;
+    'redo': one with other values (the best params changed, another base config: keys as in
+    rundir.config_differences), or cut short before its first checkpoint: trainer.overwrite=true."""
+    final, t = s.study_dir / "final", cfg.trainer
+    if t.overwrite or t.resume or not holds_run(final):
+        return "train", ""
+    saved, current = read_config(final), cfg
+    if s.demo and not cfg.data.root:  # the demo's data folder is filled in when the run starts
+        current = copy.deepcopy(cfg)
+        current.data.root = str(synthetic_root(s.recipe, cfg))
+    diffs = config_differences(saved, current) if saved else ["config.yaml missing or unreadable"]
+    if diffs:
+        return "redo", (f"[hpo] {final} holds a final training with other values ({differences_text(diffs)}): "
+                        f"training it again with these (trainer.overwrite: its files are replaced)")
+    finished = (final / "summary.json").is_file() or (final / "model.safetensors").is_file()
+    same_length = not config_differences(saved, current, tuple(k for k in RESUME_MAY_DIFFER if k not in LENGTH_KEYS))
+    if finished and same_length:
+        return "skip", (f"[hpo] {final} already holds the finished final training with these values: nothing to "
+                        f"train (trainer.overwrite=true trains it again)")
+    if newest_checkpoint(final) is None:
+        return "redo", f"[hpo] {final} holds a final training cut short before its first checkpoint: starting it over"
+    return "resume", (f"[hpo] {final} holds the final training with these values, "
+                      f"{'trained for less' if finished else 'cut short'}: continuing it (trainer.resume=auto)")
 
 
 def final_training(s: Setup, params: dict, source: str) -> dict:
     cfg = apply_params(s.cfg, params, s.aliases, source)
     cfg.trainer.out_dir, cfg.trainer.run_name = str(s.study_dir), "final"
     wandb_group(cfg, s.study_name)
+    action, said = dist.broadcast_object(plan_final(s, cfg) if dist.rank() == 0 else None)  # rank 0 decides
     if dist.rank() == 0:
         print(f"[hpo] final training with {_show(params) or 'the config as given'} (from {source}) in "
               f"{s.study_dir / 'final'}", flush=True)
+        if said:
+            print(said, flush=True)
+    if action == "skip":
+        return {}
+    cfg.trainer.resume = "auto" if action == "resume" else cfg.trainer.resume
+    cfg.trainer.overwrite = cfg.trainer.overwrite or action == "redo"
     return run(s.recipe, cfg, s.demo, datasets_hook=partial(final_datasets, s.hpo.final_on_train_val))
 
 
@@ -448,8 +472,6 @@ def main(argv: list[str] | None = None) -> int:
         device = dist.pick_device(s.cfg.trainer.device, dist.env_from_torchrun())
         group = StudyGroup(device, s.cfg.trainer.ddp_timeout)
         name_study(s)
-        if h.final or h.skip_hyperopt:
-            check_final_free(s)  # before any trial: a finished study run again stops here, not after it
         if h.skip_hyperopt:
             path = h.hyperparams_file or str(s.out)
             params = read_hyperparams(path)

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -212,7 +213,20 @@ USAGE = """usage: python -m {module} [--config FILE.yaml] [section.key=value ...
 
 Overrides follow the YAML file and win over it. Seed-style flags work too: `--max_epochs 50`,
 `--lr 1e-4`, `--mode flow` (a key's last part is enough when it is unique).
+{preset}
 Keys (type, default, description):"""
+
+
+def preset_help(recipe: Recipe) -> str:
+    """What `preset=demo` changes, for --help (USAGE's `{preset}`)."""
+    if not recipe.demo:
+        return "Preset: this recipe has no demo settings (preset=demo is refused).\n"
+    rows = "".join(f"    {k}={v}{'   (synthetic data only)' if k.startswith('model.') else ''}\n"
+                   for k, v in recipe.demo.items())
+    return ("Preset `demo` (preset=demo or --preset demo), on by default without data.root (the synthetic\n"
+            "demo data); preset=demo applies it to your data too, preset=none turns it off. Keys you set\n"
+            "yourself (file or command line) win. It sets:\n" + rows +
+            "The help below shows the defaults without the preset (add preset=demo to see them with it).\n")
 
 
 def parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], bool]:
@@ -299,16 +313,28 @@ def make_config(recipe: Recipe, file_data: dict, source: str, pairs: list[tuple[
     probe = fresh()
     apply_user(probe)
     demo = not probe.data.root and not want_help
+    # preset=demo: the recipe's demo settings under the user's keys, on any data; '' (auto): demo
+    # without data.root; none: never. model.* keys describe the synthetic data (its classes), so real
+    # data keeps its own.
+    preset = probe.preset or ("demo" if demo else "none")
+    if probe.preset == "demo" and not recipe.demo:
+        raise ConfigError(f"preset=demo: recipe {recipe.name} has no demo settings")
     cfg = fresh()
-    if demo:
+    applied: list[str] = []
+    if preset == "demo":
         scratch = fresh()
         user_keys = _leaf_keys(file_data, "") | {set_value(scratch, k, v, aliases) for k, v in pairs}
         for k, v in recipe.demo.items():
-            if k not in user_keys:
+            if k not in user_keys and (not probe.data.root or not k.startswith("model.")):
                 set_value(cfg, k, v)
+                applied.append(f"{k}={v}")
     apply_user(cfg)
     if not want_help:
+        cfg.preset = preset  # the resolved preset, as config.yaml records it
         validate(cfg)  # every range, once, before a process group, a dataset or a run directory exists
+        if applied and os.environ.get("RANK", "0") == "0":
+            print(f"[trainlib] preset demo ({'auto: no data.root' if not probe.preset else 'preset=demo'}): "
+                  f"{' '.join(applied)} (keys you set win; preset=none turns it off)", flush=True)
     return cfg, demo
 
 
@@ -391,16 +417,22 @@ def run(recipe: Recipe, cfg: Config, demo: bool = False, *, callbacks: Sequence[
     trainer = build_trainer(recipe, cfg, demo, callbacks=callbacks, datasets_hook=datasets_hook)
     result = trainer.test(cfg.trainer.ckpt_path) if cfg.trainer.test_only else trainer.fit()
     if dist.rank() == 0:
-        shown = "  ".join(f"{k}={v:.4f}" for k, v in result.items())
-        print(f"[trainlib] final: {shown}  (run directory: {trainer.run_dir})", flush=True)
+        from .run_summary import one_line  # the end-of-run summary (summary.json), in one line
+
+        label = "test" if cfg.trainer.test_only else "final"
+        shown = "" if cfg.trainer.test_only else one_line(getattr(trainer, "summary", None))
+        shown = shown or "  ".join(f"{k}={v:.4f}" for k, v in result.items())
+        print(f"[trainlib] {label}: {shown}  (run directory: {trainer.run_dir})", flush=True)
     return result
 
 
 def guarded(body: Callable[[], Any]) -> int:
     """Run `body` with trainlib's exit policy and return the process exit code.
 
-    bad input (UserError)      one line `error: ...`, exit 2, nothing written is touched
-    full / read-only disk      one line `error: cannot write <file>: ...`, exit 2
+    bad input (UserError)      one line `error: ...`, exit 2, nothing written is touched; under torchrun
+                               every rank ends so: the message goes to the other ranks (the rendezvous
+                               store) and to torchrun's error file (its summary shows it, not a hint)
+    full / read-only disk      one line `error: cannot write <file>: ...`, exit 2 (shared the same way)
     SIGTERM / SIGINT           last.ckpt saved by the trainer, exit 143 / 130 (Preempted)
     any other exception        under torchrun: `[rank r] failed: ...` then the traceback (exit 1), so
                                torchrun's summary and the log both name the failing rank; a rank whose
@@ -417,12 +449,14 @@ def guarded(body: Callable[[], Any]) -> int:
         return 0
     except UserError as e:
         say(f"error: {e}")
+        _share_user_error(str(e))
         return 2
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
         # a write the trainer does not guard itself (a log file, history.json): still one line
         say(f"error: {disk_error(e, e.filename or 'a file')}")
+        _share_user_error(str(disk_error(e, e.filename or 'a file')))
         return 2
     except Preempted as e:
         say(str(e))
@@ -432,6 +466,11 @@ def guarded(body: Callable[[], Any]) -> int:
         return 130
     except Exception as e:
         if dist.world_size() > 1:
+            told = _peer_user_error() if _peer_failure(e) else ""
+            if told:  # another rank stopped on bad input: the same one line and exit code here
+                say(f"error: {told}")
+                _record_for_torchrun(told)
+                return 2
             if _peer_failure(e):
                 say("stopped: a collective failed, most likely because another rank died (its error is reported "
                     f"above or by torchrun): {type(e).__name__}: {str(e).splitlines()[0][:300]}")
@@ -440,6 +479,52 @@ def guarded(body: Callable[[], Any]) -> int:
         raise
     finally:
         dist.shutdown()
+
+
+USER_ERROR_KEY = "trainlib/user_error"
+
+
+def _record_for_torchrun(text: str) -> None:
+    """torchrun's error file (TORCHELASTIC_ERROR_FILE): its failure summary then shows this line as the
+    root cause instead of "To enable traceback see ..."."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as fh:
+                json.dump({"message": {"message": f"error: {text}", "extraInfo": {  # torchrun's own format
+                    "py_callstack": f"error: {text}", "timestamp": str(int(time.time()))}}}, fh)
+        except OSError:
+            pass
+
+
+def _share_user_error(text: str) -> None:
+    """What ended this rank, for torchrun and for the other ranks: their collective breaks when this
+    process leaves, and they end with the same line and exit code 2 (_peer_user_error)."""
+    _record_for_torchrun(text)
+    if dist.world_size() > 1:
+        try:
+            import torch.distributed as torch_dist
+
+            torch_dist.distributed_c10d._get_default_store().set(USER_ERROR_KEY, f"{text} (rank {dist.rank()})")
+        except Exception:  # noqa: BLE001  no store (process group not up yet): the peers see a broken collective
+            pass
+
+
+def _peer_user_error(wait_s: float = 2.0) -> str:
+    """The bad-input message another rank left in the rendezvous store ('' if none)."""
+    import torch.distributed as torch_dist
+
+    try:
+        store = torch_dist.distributed_c10d._get_default_store()
+        deadline = time.monotonic() + wait_s  # the peer sets it before it exits; allow for the race
+        while True:
+            if store.check([USER_ERROR_KEY]):
+                return store.get(USER_ERROR_KEY).decode()
+            if time.monotonic() > deadline:
+                return ""
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001  the store went with the failed rank (torchrun's agent store outlives it)
+        return ""
 
 
 def _peer_failure(e: BaseException) -> bool:
@@ -473,7 +558,8 @@ def main(recipe: Recipe, argv: list[str] | None = None) -> int:
     def body() -> None:
         cfg, want_help, demo = build_config(recipe, argv)
         if want_help:
-            print(USAGE.format(module=_module_of(cfg.recipe), description=recipe.description) + help_text(cfg))
+            print(USAGE.format(module=_module_of(cfg.recipe), description=recipe.description,
+                               preset=preset_help(recipe)) + help_text(cfg))
             return
         if recipe.stages and not cfg.trainer.test_only:
             run_stages(recipe, argv, cfg, build_config, build_trainer)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from . import checkpoint, dist, training_state
+from . import checkpoint, dist, rundir, training_state
 from .config import ConfigError, dump_yaml
 from .freezing import resolve
 from .loggers import log
@@ -58,7 +58,7 @@ def freeze_except(model: nn.Module, trains: list[str] | None) -> None:
 
 def _base_dir(cfg: Any, recipe_name: str, stages: list[str]) -> Path:
     """The run's folder: trainer.run_name, or with resume=auto the newest <recipe>_* run that has a
-    stage folder, or a new <recipe>_<time> (the same on every rank)."""
+    stage folder, or a new <recipe>_<time> (made by rank 0, unique; the same on every rank)."""
     out, tc = Path(cfg.trainer.out_dir), cfg.trainer
     if tc.run_name:
         return out / tc.run_name
@@ -66,7 +66,8 @@ def _base_dir(cfg: Any, recipe_name: str, stages: list[str]) -> Path:
         runs = [r for r in out.glob(f"{recipe_name}_*") if r.is_dir() and any((r / s).is_dir() for s in stages)]
         if runs:
             return dist.broadcast_object(max(runs, key=lambda r: r.stat().st_mtime))
-    return out / dist.broadcast_object(f"{recipe_name}_{time.strftime('%Y%m%d_%H%M%S')}")
+    new = rundir.make_unique(out / f"{recipe_name}_{time.strftime('%Y%m%d_%H%M%S')}") if dist.rank() == 0 else None
+    return Path(dist.broadcast_object(str(new) if new else None))  # (-2, -3, ... when the name is taken)
 
 
 def run_stages(recipe: Any, argv: list[str], cfg: Any, build_config: Callable, build_trainer: Callable) -> dict:

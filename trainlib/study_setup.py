@@ -46,7 +46,8 @@ class HPOConfig:
     space: Any = opt({}, "search space {config key: {type: float|int|categorical, low, high, log, step, "
                          "choices}} (YAML or inline); empty: the recipe's search_space, else the default space")
     final: bool = opt(True, "after the study, train the final model with the best values in "
-                            "<out_dir>/<study_name>/final")
+                            "<out_dir>/<study_name>/final (run again: skipped when done with the same values, "
+                            "continued when cut short, trained again when they changed)")
     final_on_train_val: bool = opt(True, "final training on the train and val splits together (validation still "
                                          "runs on val, so its numbers are optimistic)")
     out: str = opt("", "path of best_hyperparams.json; empty: <trainer.out_dir>/<study_name>/best_hyperparams.json")

@@ -51,13 +51,13 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from . import dist, evaluation, flops, freezing, parallel, rundir, training_state, tuning
+from . import dist, evaluation, flops, freezing, parallel, rundir, run_summary, training_state, tuning
 from .callbacks import Callback, default_callbacks
 from .config import (Config, ConfigError, DataConfig, LogConfig, OptimConfig, TrainerConfig, dump_yaml, parse_duration,
                      to_dict, validate)
 from .ema import EMA
 from .data import DevicePrefetcher, batch_size_of, build_loaders, limit_batches
-from .loggers import ConsoleLogger, Logger, LoggedNow, build_loggers, log, setup_text_log
+from .loggers import ConsoleLogger, Logger, build_loggers, log
 from .metrics import Metric
 from .optim import make_optimizer, make_schedule, run_length, trainable_params
 from .precision import Precision
@@ -110,7 +110,7 @@ class Trainer:
         self.wrapped = parallel.wrap(model, tc, self.env, self.device, self.precision.param_dtype, param_groups,
                                      blocks)  # blocks: the model's repeated blocks (FSDP units); fsdp.resolve_blocks
         self.model, self.compiled = self.wrapped.model, self.wrapped.compiled
-        self.setup_notes: list[str] = list(self.wrapped.notes)  # logged once train.log exists (_open_run_dir)
+        self.setup_notes: list[str] = list(self.wrapped.notes)  # logged once train.log exists (rundir._open)
 
         # --- optimizer (yours, or from cfg.optim), the step; data and schedule at the end ------------
         self.optimizer = make_optimizer(optimizer, self.wrapped.param_groups or trainable_params(self.model), cfg.optim)
@@ -166,15 +166,18 @@ class Trainer:
             raise ConfigError("fit() needs training data")
         tc, st = self.tc, self.state
         self.callbacks = default_callbacks(self.cfg, self.callbacks, checkpoints=not self.fast_dev_run)
+        if rundir.fit_again(self):  # a second fit() with nothing more to train: one line saying so, nothing else
+            return dict(self.fit_result)
         # every input is checked before the run directory is made: a failed start leaves nothing behind
-        candidates, run_dir = rundir.find_resume(tc.resume, tc.out_dir, tc.run_name, self.name)
-        resume = training_state.restore_newest(self, candidates)
+        again = getattr(self, "fitted_in", None)  # a second fit(): its folder, the state as in memory
+        candidates, run_dir = ([], again) if again else rundir.find_resume(self.cfg, self.name, self._note)
+        resume = again or training_state.restore_newest(self, candidates)
         if resume is None and tc.ckpt_path:
             self.load_checkpoint(tc.ckpt_path, weights_only=True)
             self._note(f"initialised weights from {tc.ckpt_path}")
         elif resume is None and tc.resume == "auto":
             self._note("trainer.resume=auto: no checkpoint to resume, starting a fresh run")
-        self._open_run_dir(run_dir, resume)
+        rundir.open_fit_dir(self, run_dir, resume)  # where: rundir.py
         if resume is not None and self.is_main:
             rundir.truncate_lines(st.run_dir / "metrics.jsonl", self.rows_logged)  # rows after the checkpoint go
         self._start_loggers()
@@ -219,10 +222,12 @@ class Trainer:
                 last_val = {**last_val, **self.evaluate("test")}
             if tc.export and not self.fast_dev_run:
                 self.export()
+            self.summary = run_summary.finish(self, last_val, time.time() - t_start)  # summary.json, printed
         finally:
             gc.unfreeze()
             self.signals.restore()
             self.close()
+        self.fit_result = last_val  # what a second fit() with nothing more to train returns (rundir.fit_again)
         return last_val
 
     def _train_epoch(self, t_start: float) -> None:
@@ -234,7 +239,7 @@ class Trainer:
         self._emit("on_train_epoch_start")
         console = self.console
         if console:
-            console.epoch_start(st.epoch, n)
+            console.epoch_start(st.epoch, n, 1 if self.fast_dev_run else tc.max_epochs)
             console.advance(start)
         step_end = [cb.on_train_step_end for cb in self.callbacks
                     if type(cb).on_train_step_end is not Callback.on_train_step_end]
@@ -317,7 +322,7 @@ class Trainer:
             self.load_checkpoint(ckpt_path, weights_only=True)
             self._note(f"loaded weights from {ckpt_path}")
         if not self.loggers:
-            self._open_run_dir(None, None, evaluation=True)
+            rundir.open_test_dir(self, ckpt_path)  # <its run>/test_<time>, ...: rundir.py
             self._start_loggers()
         try:
             return self.evaluate(split)
@@ -339,20 +344,6 @@ class Trainer:
                        f"batch {st.batch_in_epoch} of the epoch")
 
     # ------------------------------------------------------------------ run directory, loggers
-    def _open_run_dir(self, run_dir: Path | None, resume: Path | None, evaluation: bool = False) -> None:
-        tc, stamp = self.tc, dist.broadcast_object(time.strftime("%Y%m%d_%H%M%S"))
-        run_dir = run_dir or Path(tc.out_dir) / (tc.run_name or f"{self.name}_{stamp}")
-        if evaluation and dist.broadcast_object(self.is_main and rundir.holds_run(run_dir)):
-            run_dir = run_dir / f"test_{stamp}"  # evaluating a trained run: its own files stay as they are
-        self.state.run_dir = run_dir
-        resuming = resume is not None and Path(resume).resolve().parent.parent == run_dir.resolve()  # (not another's)
-        self.lock = rundir.open_run_dir(run_dir, dump_yaml(self.cfg), is_main=self.is_main, resuming=resuming,
-                                        overwrite=tc.overwrite, resume_auto=tc.resume == "auto", note=self._note)
-        setup_text_log(run_dir, self.is_main)
-        for note in self.setup_notes:  # decisions made while building, before the text log existed
-            log.info(note)
-        self.setup_notes = LoggedNow()  # from here on, notes are logged as they come
-
     def _note(self, text: str) -> None:
         """An info line for train.log: logged now, or once the run directory's log exists."""
         self.setup_notes.append(text)
