@@ -352,3 +352,19 @@ def test_training_rows_carry_throughput(tmp_path):
         assert r["samples_per_s"] == pytest.approx(8 * r["steps_per_s"])
         assert r["step_ms"] == pytest.approx(1000 / r["steps_per_s"])
         assert 0.0 <= r["data_wait"] <= 1.0
+
+
+def test_the_sampler_computes_the_epoch_order_once_per_epoch():
+    from trainlib.data import ShardSampler
+
+    s = ShardSampler(50, rank=1, world=2, shuffle=True, seed=3)
+    calls = []
+    share = s._share
+    s._share = lambda: calls.append(1) or share()
+    s.set_epoch(0)
+    first = (len(s), list(s), len(s))
+    s.set_epoch(1)
+    second = list(s)
+    assert len(calls) == 2 and first[0] == 25 and first[1] != second
+    s.set_epoch(0)
+    assert list(s) == first[1] and len(calls) == 3

@@ -48,6 +48,7 @@ class ShardSampler(Sampler[int]):
         self.group_size = group_size
         self.epoch = 0
         self.start = 0  # samples of this rank's share already consumed (resume)
+        self._cached: tuple[int, list[int]] | None = None  # (epoch, indices())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -58,6 +59,12 @@ class ShardSampler(Sampler[int]):
         self.start = n_samples
 
     def indices(self) -> list[int]:
+        """This rank's share of the epoch's order, computed once per epoch (len() and iter() ask again)."""
+        if self._cached is None or self._cached[0] != self.epoch:
+            self._cached = (self.epoch, self._share())
+        return self._cached[1]
+
+    def _share(self) -> list[int]:
         if self.shuffle:
             g = torch.Generator()
             g.manual_seed(batch_seed(self.seed, -1, self.epoch, -1))  # same on every rank
