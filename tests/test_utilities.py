@@ -195,3 +195,27 @@ def test_a_scheduler_of_your_own_fills_the_device_lr_a_captured_step_reads():
 def test_gradient_checkpointing_is_refused_with_captured_graphs():
     with pytest.raises(ConfigError, match="gradient_checkpointing=true cannot be captured with trainer.cuda_graphs"):
         make_trainer(["trainer.gradient_checkpointing=true", "trainer.cuda_graphs=true"])
+
+
+def test_grad_norm_under_fsdp_with_clipping_is_logged(tmp_path):
+    from tests.conftest import torchrun
+
+    r = torchrun(2, ["tests/toy.py", str(tmp_path / "out"), f"trainer.out_dir={tmp_path}", "trainer.run_name=f",
+                     "trainer.strategy=fsdp", "trainer.fsdp_min_params=1", "trainer.grad_clip=1.0",
+                     "trainer.track_grad_norm=2", "trainer.max_epochs=1", "log.every_n_steps=2"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
+    norms = [x["grad_norm"] for x in rows if x.get("split") == "train"]
+    assert len(norms) == 3 and all(v > 0 and math.isfinite(v) for v in norms)
+
+
+def test_what_oom_recovery_and_the_batch_finder_cannot_make_safe_is_refused():
+    with pytest.raises(ConfigError, match="oom_recovery=true cannot run with trainer.sync_batchnorm=true"):
+        make_trainer(["trainer.oom_recovery=true", "trainer.sync_batchnorm=true"])
+
+
+def test_a_failing_finder_releases_the_run_directory(tmp_path):
+    common = [f"trainer.out_dir={tmp_path}", "trainer.run_name=r", "trainer.max_epochs=1"]
+    with pytest.raises(ConfigError, match="optim.lr"):
+        make_trainer([*common, "tune.auto_lr_find=true", "optim.lr=0"]).fit()
+    make_trainer([*common, "trainer.overwrite=true"]).fit()  # the lock of the failed start is gone

@@ -173,6 +173,9 @@ def combination_problem(t: "TrainerConfig", o: "OptimConfig") -> str:
     if t.gradient_checkpointing and t.cuda_graphs:
         return ("trainer.gradient_checkpointing=true cannot be captured with trainer.cuda_graphs=true (the "
                 "recomputation saves and restores the CUDA RNG state, which a capture does not allow): use one of them")
+    if t.oom_recovery and t.sync_batchnorm:
+        return ("trainer.oom_recovery=true cannot run with trainer.sync_batchnorm=true: SyncBatchNorm's forward and "
+                "backward are collectives, so a rank out of memory before one leaves the others waiting in it")
     if t.oom_recovery and t.strategy == "fsdp":
         return ("trainer.oom_recovery=true cannot run with trainer.strategy=fsdp: FSDP gathers parameters inside the "
                 "forward and backward, so a rank that runs out of memory there leaves the others waiting in a "

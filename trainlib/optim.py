@@ -28,6 +28,10 @@ def build_optimizer(params: Iterable[Any], cfg: OptimConfig) -> torch.optim.Opti
         kw = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     else:
         raise ConfigError(f"optim.name: unknown optimizer {cfg.name!r}; expected adamw, adam or sgd")
+    params = [{**g, "params": list(g["params"])} if isinstance(g, dict) else g for g in params]  # (generators)
+    sharded = any(hasattr(p, "to_local") for g in params for p in (g["params"] if isinstance(g, dict) else [g]))
+    if cls is torch.optim.SGD and sharded:  # FSDP2's DTensors have no sharding rule for the fused SGD kernel
+        return cls(params, **kw)
     try:  # fused: one kernel per step, and a device-side skip of non-finite steps (trainer.nonfinite)
         return cls(params, fused=True, **kw)
     except (RuntimeError, ValueError, TypeError):  # device or dtype without a fused kernel
@@ -37,6 +41,7 @@ def build_optimizer(params: Iterable[Any], cfg: OptimConfig) -> torch.optim.Opti
 def make_optimizer(given: Any, params: list[Any], cfg: OptimConfig) -> torch.optim.Optimizer:
     """The run's optimizer: `given` built (over this model's parameters), a factory `given(params)`
     (params: the recipe's param groups or the trainable parameters), or None for cfg.optim's."""
+    params = [{**g, "params": list(g["params"])} if isinstance(g, dict) else g for g in params]  # (generators)
     if given is None:
         return build_optimizer(params, cfg)
     opt = given(params) if callable(given) and not isinstance(given, torch.optim.Optimizer) else given
@@ -103,10 +108,12 @@ class TorchSchedule:
         """Multiply every group's lr (and the scheduler's base lrs) by `factor` (tune.auto_lr_find)."""
         for g in self.sched.optimizer.param_groups:
             g["lr"] = g["lr"] * factor
-            if "initial_lr" in g:
-                g["initial_lr"] = g["initial_lr"] * factor
-        if hasattr(self.sched, "base_lrs"):
-            self.sched.base_lrs = [b * factor for b in self.sched.base_lrs]
+            for key in ("initial_lr", "max_lr", "min_lr"):  # OneCycleLR's peak and floor live in the groups
+                if key in g:
+                    g[key] = g[key] * factor
+        for attr in ("base_lrs", "max_lrs"):  # CyclicLR's peaks
+            if isinstance(getattr(self.sched, attr, None), list):
+                setattr(self.sched, attr, [b * factor for b in getattr(self.sched, attr)])
 
     @property
     def lrs(self) -> list[float]:

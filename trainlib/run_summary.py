@@ -234,11 +234,12 @@ def finish(trainer: Any, result: dict[str, float], wall_s: float) -> dict[str, A
         except Exception as e:  # noqa: BLE001 - a summary never fails a finished run
             log.warning(f"no run summary: {type(e).__name__}: {e}")
             summary = {"run_dir": str(trainer.state.run_dir), "stop_reason": trainer.state.stop_reason or "finished",
-                       "stopped_by": stopped_by(trainer), "wall_s": wall_s, "final": _finite(result)}
+                       "stopped_by": stopped_by(trainer), "wall_s": wall_s, "final": _finite(result),
+                       "test": {}, "best": None, "weights": None, "max_epochs": trainer.tc.max_epochs}  # (one_line's keys)
     summary = dist.broadcast_object(summary)
     if trainer.is_main and summary is not None:
         atomic_write_bytes(Path(summary["run_dir"]) / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-        if "best" in summary:
+        if "files" in summary:  # (the full summary; the fallback above has no block to print)
             for text in lines(summary, trainer):
                 log.info(text)
         if trainer.cfg.log.plots:  # <run>/plots/*.png when matplotlib is installed (never fails the run)

@@ -79,6 +79,8 @@ def all_reduce_mean(params: list[torch.Tensor], world: int, stats: torch.Tensor)
     in the float32 one (summed, not averaged). Returns them reduced."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {torch.float32: []}
     for p in params:
+        if p.grad is None and p.requires_grad:  # unused on this rank: zeros, so every rank packs the same layout
+            p.grad = torch.zeros_like(p)
         if p.grad is not None:
             by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
     reduced = stats
@@ -232,8 +234,7 @@ class TrainStep:
             done = self.device_step(micro, recover=True)
             if done is not None:
                 return done
-            smallest = min(batch_size_of(m) for m in micro)
-            if smallest <= 1:
+            if max(batch_size_of(m) for m in micro) <= 1:  # (a rank deciding alone: its peers hear it, recipe.guarded)
                 raise UserError(f"out of memory in step {self.step_number() + 1} even with a micro-batch of 1 "
                                 "sample (trainer.oom_recovery): the model does not fit; use a smaller model, "
                                 "trainer.precision=bf16-mixed, trainer.gradient_checkpointing=true or more GPUs")
@@ -252,6 +253,8 @@ class TrainStep:
         ran out of memory (None when one did), then DDP's gradients are all-reduced."""
         w = self.wrapped
         items, last = [], len(batches) - 1
+        if recover and w.ddp:  # no_sync forwards stop DDP's buffer broadcast: ask for it as a synced step would
+            w.train_module.require_forward_param_sync = True
         try:
             for j, batch in enumerate(batches):
                 if w.sharded and last:  # FSDP's no_sync: reduce-scatter on the last micro-batch only
@@ -341,8 +344,8 @@ class TrainStep:
                 grads, found, (env.world_size / total.clamp_min(1e-12)).float().reshape(1))
         norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip > 0 else None
         if self.norm_type:  # trainer.track_grad_norm: the clipping's norm when it is the same type (pre-clip)
-            self.grad_norm = norm if norm is not None and self.norm_type == 2 else fsdp.full(
-                nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None], self.norm_type))
+            self.grad_norm = fsdp.full(norm if norm is not None and self.norm_type == 2 else nn.utils.get_total_norm(
+                [p.grad for p in self.params if p.grad is not None], self.norm_type))  # (FSDP: a replicated DTensor)
         if scaler is None and grads:
             if found is None:  # one process, one micro-batch: nothing has read the gradients yet
                 largest = norm if norm is not None else torch.stack(torch._foreach_norm(grads, math.inf)).max()

@@ -178,21 +178,21 @@ class Trainer:
         elif resume is None and tc.resume == "auto":
             self._note("trainer.resume=auto: no checkpoint to resume, starting a fresh run")
         rundir.open_fit_dir(self, run_dir, resume)  # where: rundir.py
-        if resume is not None and self.is_main:
-            rundir.truncate_lines(st.run_dir / "metrics.jsonl", self.rows_logged)  # rows after the checkpoint go
-        self._start_loggers()
-        if resume is None:  # finders (tune.*): a resume keeps what they chose, from its checkpoint
-            tuning.before_fit(self)
-        log.info(f"run directory: {st.run_dir}  ({self.env.world_size} process(es), device {self.device.type}, "
-                 f"precision {tc.precision}, {self.steps_per_epoch} steps/epoch)")
+        try:  # from here on the lock and the loggers are released whatever happens (finally: close)
+            if resume is not None and self.is_main:
+                rundir.truncate_lines(st.run_dir / "metrics.jsonl", self.rows_logged)  # rows after the checkpoint go
+            self._start_loggers()
+            if resume is None:  # finders (tune.*): a resume keeps what they chose, from its checkpoint
+                tuning.before_fit(self)
+            log.info(f"run directory: {st.run_dir}  ({self.env.world_size} process(es), device {self.device.type}, "
+                     f"precision {tc.precision}, {self.steps_per_epoch} steps/epoch)")
 
-        t_start, last_val = time.time(), {}
-        max_epochs = 1 if self.fast_dev_run else tc.max_epochs
-        self._emit("on_fit_start")
-        gc.collect()
-        gc.freeze()  # setup's objects leave the young generations: fewer, shorter GC pauses in the loop
-        self.signals.install()
-        try:
+            t_start, last_val = time.time(), {}
+            max_epochs = 1 if self.fast_dev_run else tc.max_epochs
+            self._emit("on_fit_start")
+            gc.collect()
+            gc.freeze()  # setup's objects leave the young generations: fewer, shorter GC pauses in the loop
+            self.signals.install()
             while st.epoch < max_epochs and not st.should_stop and not 0 < tc.max_steps <= st.global_step:
                 st.epoch_done = False
                 self._train_epoch(t_start)

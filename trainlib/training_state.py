@@ -115,6 +115,9 @@ def keep_found_batch(trainer: Any, saved_config: dict, path: Any) -> None:
     a resume takes them from the checkpoint's config (the finder does not run again), so the
     epoch's position and the global batch mean what they meant."""
     t = trainer
+    lr = saved_config.get("optim", {}).get("lr")
+    if t.cfg.tune.auto_lr_find and lr is not None:  # the schedule's state holds it; the config says it too
+        t.cfg.optim.lr = lr
     if not t.cfg.tune.auto_scale_batch_size:
         return
     batch = saved_config.get("data", {}).get("batch_size")

@@ -167,6 +167,11 @@ def check_batch_finder(trainer: Any) -> None:
             "trial would leave the others waiting in it. Find the batch size with trainer.strategy=ddp (or one "
             "process, the same model size per GPU) and set data.batch_size, or keep FSDP with "
             "tune.auto_scale_batch_size=false")
+    if tc.sync_batchnorm and env.world_size > 1:
+        raise ConfigError("tune.auto_scale_batch_size cannot run with trainer.sync_batchnorm=true on "
+                          f"{env.world_size} processes: SyncBatchNorm's forward is a collective, so a rank that "
+                          "runs out of memory in a trial would leave the others waiting in it; find the size with "
+                          "sync_batchnorm=false (or one process) and set data.batch_size")
     if trainer.datasets.get("train") is None:
         raise ConfigError("tune.auto_scale_batch_size needs training data")
 
