@@ -349,11 +349,11 @@ class Trainer:
         self.setup_notes.append(text)
 
     def _start_loggers(self) -> None:
-        """After a resume has cut metrics.jsonl back to the checkpoint's rows."""
-        if self.is_main:
-            self.loggers = build_loggers(self.cfg.log, self.state.run_dir.name)
-            for lg in self.loggers:
-                lg.start(self.state.run_dir, to_dict(self.cfg))
+        """After a resume has cut metrics.jsonl back to the checkpoint's rows. Only started loggers are
+        kept, so close() after a failed start (a logger not installed) closes what is open."""
+        for lg in build_loggers(self.cfg.log, self.state.run_dir.name) if self.is_main else []:
+            lg.start(self.state.run_dir, to_dict(self.cfg))
+            self.loggers.append(lg)
 
     def _emit(self, event: str, *args: Any) -> None:
         self.state.event = event  # where callbacks run: state.set_trainable checks it (freezing.py)
