@@ -1,28 +1,49 @@
-"""Side-by-side speed and memory of a training step: hand-written loops vs trainlib vs Lightning.
+"""Side-by-side speed of a training step: hand-written loops vs trainlib vs Lightning, like with like.
 
     python -m launch.bench --model mlp --device cpu                 # engine overhead on a small model
+    torchrun --nproc_per_node=2 -m launch.bench --model mlp --device cpu   # the same under DDP (gloo)
+    python -m launch.bench --model mlp --device cpu --instructions  # callgrind: instructions per step
     python -m launch.bench --model pdan --device cuda               # PDAN as in PERF_ANCHORS.md
-    python -m launch.bench --model r2plus1d --device cuda --variants hand,trainlib
 
-Every variant trains the same model on the same data with the same batch and precision, in this
-one process, interleaved over --repeats rounds; the table shows the median ms/step of the timed
-steps (after --warmup steps), the peak GPU memory, and ratios to the hand-written loop, to Lightning
-and (on a GPU) to the hand-written compiled-and-graphed loop. Only ratios measured in one run mean
-anything: absolute times move between runs on a shared machine.
+Every variant trains the same model on the same data with the same batch and precision. Each run
+of a variant is its own process (`python -m launch.bench --child ...`): no variant inherits another's
+garbage-collector state, heap, allocator caches or torch flags. Runs are interleaved over --repeats
+rounds; the table shows the median ms/step of the timed steps (after --warmup steps), the spread
+over rounds, the peak GPU memory, and ratios. Only ratios measured in one invocation mean anything:
+absolute times move between runs on a shared machine.
 
-Variants (names are matched by --variants, a comma-separated list of substrings):
-  hand-written loop            DataLoader -> .to(device) -> forward/loss/backward -> AdamW.step
-  hand-written fused           the same with AdamW(fused=True), the optimizer kernel trainlib uses
-  hand-written graph           GPU: batches pre-loaded on the GPU, capturable fused AdamW, forward +
-                               loss + backward + step captured in one torch.cuda.CUDAGraph, replayed
-  hand-written compile+graph   GPU: the same with the model wrapped in torch.compile before capture
-  trainlib eager               Trainer.fit with default settings (a TensorDataset is read a batch at a time)
-  trainlib, per-sample data    the same, reading samples one by one through the DataLoader exactly like
-                               the hand-written loop: the engine's own overhead
-  trainlib compile             GPU: TrainerConfig(compile=True)
-  trainlib graphs              GPU: TrainerConfig(cuda_graphs=True), DataConfig(device_resident=True)
-  trainlib compile+graphs      GPU: both
-  Lightning                    L.Trainer fed by an ordinary DataLoader (when `lightning` is importable)
+Every variant is described by three things, printed in its row:
+  optimizer   AdamW's kernel: `fused` (AdamW(fused=True), what trainlib picks) or `unfused` (torch's default)
+  data        per-sample          a DataLoader reads the samples one by one, nothing seeded
+              per-sample seeded   the same, with python/numpy/torch seeded per batch (what trainlib does
+                                  by default for a user's Dataset, so that augmentation is reproducible;
+                                  the hand-written loop reads through trainlib.data.build_loader to pay
+                                  exactly the same)
+              batch fetch         a TensorDataset's rows fetched a batch at a time (trainlib's default
+                                  for a TensorDataset; the hand-written loop through build_loader too)
+              device-resident     GPU: batches already on the device (graph variants)
+  norm        (DDP) mean: DDP's average of the ranks' gradients; exact: the loss weighted by the
+              global sample count, which one extra all_reduce per step computes (trainlib's semantics:
+              k micro-batches on N ranks give the gradient of one big batch)
+
+`vs reference` divides a variant's time by that of the hand-written loop with the SAME optimizer
+kernel, data path (and, under DDP, normalisation semantics); the cell names that row: `1.022x [4]`
+= 1.022 times row 4.
+Hand-written references are added to the run automatically. `vs plain loop` divides by the loop a
+user writes by hand (unfused AdamW, per-sample DataLoader): it shows what trainlib's faster
+defaults (fused AdamW, batch fetch) buy, in rows labelled as such.
+
+Modes
+  default          one process per variant run, interleaved rounds, wall clock
+  DDP              under torchrun (WORLD_SIZE > 1): every rank runs the variants in turn, in-process
+                   (a process group cannot be re-made per variant cheaply); rank 0 prints. The
+                   hand-written DDP loop: DistributedSampler (or build_loader's ShardSampler for the
+                   seeded / batch-fetch paths), DistributedDataParallel, the same AdamW kernel
+  --instructions   each variant once under `valgrind --tool=callgrind --collect-atstart=no
+                   --instr-atstart=no`; the child switches instrumentation and collection on after
+                   the warm-up steps and collection off at the last step's end with callgrind's
+                   client requests (issued from Python through a 28-byte machine-code stub and ctypes),
+                   so only the training window is counted: no imports, no setup, no warm-up
 
 Timing: a timestamp is taken at the end of every step; on a GPU the host synchronises only at the
 first timed step and at the last step, so (as in real training) it may run ahead of the GPU, and
@@ -32,14 +53,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
+import ctypes
+import io
+import logging
+import json
+import mmap
+import os
 import platform
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -47,6 +77,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from trainlib import Callback, DataConfig, LogConfig, OptimConfig, Trainer, TrainerConfig
+from trainlib.data import ShardSampler, build_loader
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,16 +214,25 @@ def _autocast(run: Run, cache: bool = True):
 
 class Clock:
     """Step-end timestamps. On a GPU the host syncs only before the first timed stamp and the last
-    one: the steps in between run as in real training, with the host free to run ahead."""
+    one: the steps in between run as in real training, with the host free to run ahead.
+    window: called with True right after the first timed stamp (end of step `warmup`) and with
+    False at the last step's end, before its stamp: the instruction-count mode's window."""
 
-    def __init__(self, run: Run) -> None:
-        self.run, self.stamps = run, []
+    def __init__(self, run: Run, window: Optional[Callable[[bool], None]] = None) -> None:
+        self.run, self.stamps, self.window = run, [], window or _WINDOW
 
     def tick(self) -> None:
         n = len(self.stamps)
         if n == self.run.warmup or n >= self.run.steps - 1:
             _sync(self.run.device)
+        if n == self.run.steps - 1 and self.window:
+            self.window(False)
         self.stamps.append(time.perf_counter())
+        if n == self.run.warmup and self.window:
+            self.window(True)
+
+
+_WINDOW: Optional[Callable[[bool], None]] = None  # set in an instruction-count child (callgrind_window)
 
 
 def ms_per_step(stamps: list[float], warmup: int, steps: Optional[int] = None) -> float:
@@ -206,30 +248,208 @@ def ms_per_step(stamps: list[float], warmup: int, steps: Optional[int] = None) -
 # ------------------------------------------------------------------------------------------------
 # Variants: fn(workload, run) -> list of step-end timestamps
 
-def hand_written(w: Workload, run: Run, fused: bool = False) -> list[float]:
-    """The loop a user would write by hand: DataLoader, forward, loss, backward, step."""
+# ------------------------------------------------------------------------------------------------
+# Variants
+
+PER_SAMPLE, SEEDED, BATCH_FETCH, DEVICE = "per-sample", "per-sample seeded", "batch fetch", "device-resident"
+DATA_PATHS = (PER_SAMPLE, SEEDED, BATCH_FETCH, DEVICE)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One variant: what runs (engine) and the conditions a ratio must hold equal (fused, data, norm)."""
+    name: str
+    engine: str            # hand | hand-graph | trainlib | lightning
+    fused: bool
+    data: str              # one of DATA_PATHS
+    norm: str = "mean"     # DDP: mean (DDP's average) or exact (global sample-count weighting)
+    ddp: bool = False
+    flags: tuple = ()      # trainlib: TrainerConfig(**dict(flags)); hand-graph: (("compile", bool),)
+    note: str = ""         # what makes the row special (shown after the name in the docs)
+
+    @property
+    def kernel(self) -> str:
+        return "fused" if self.fused else "unfused"
+
+
+def hand_name(fused: bool, data: str, norm: str = "mean", ddp: bool = False) -> str:
+    return (f"hand-written{' DDP' if ddp else ''}{', fused' if fused else ''}, {data}"
+            f"{', exact norm' if norm == 'exact' else ''}")
+
+
+def hand_spec(fused: bool, data: str, norm: str = "mean", ddp: bool = False) -> Spec:
+    return Spec(hand_name(fused, data, norm, ddp), "hand", fused, data, norm, ddp)
+
+
+def reference(s: Spec) -> Optional[Spec]:
+    """The hand-written loop a variant is measured against: same kernel, data path and semantics."""
+    if s.engine in ("hand", "hand-graph"):
+        return None
+    if s.data == DEVICE:  # trainlib graphs vs the hand-written graphed loop, compiled or not
+        comp = dict(s.flags).get("compile", False)
+        return Spec(HAND_GRAPH if comp else "hand-written graph", "hand-graph", True, DEVICE, flags=(("compile", comp),))
+    return hand_spec(s.fused, s.data, "exact" if (s.ddp and s.engine == "trainlib") else "mean", s.ddp)
+
+
+def plain_reference(s: Spec) -> Spec:
+    """The loop a user writes by hand: unfused AdamW, a per-sample DataLoader."""
+    return hand_spec(False, PER_SAMPLE, "mean", s.ddp)
+
+
+def mean_norm_reference(s: Spec) -> Optional[Spec]:
+    """DDP: the same hand-written loop without exact normalisation (no extra collective)."""
+    r = reference(s)
+    return replace(r, name=hand_name(r.fused, r.data, "mean", True), norm="mean") if r and s.ddp else None
+
+
+HAND, HAND_GRAPH, LIGHTNING = hand_name(False, PER_SAMPLE), "hand-written compile+graph", "Lightning, unfused"
+
+
+def all_variants(device: torch.device, model: str = "mlp", ddp: bool = False) -> dict[str, Spec]:
+    """The variants of a run, hand-written references included (a reference follows its users)."""
+    batch_fetch = model in TENSOR_DATASETS  # only a TensorDataset is fetched a batch at a time
+    tl = "trainlib DDP" if ddp else "trainlib"
+    norm = "exact" if ddp else "mean"  # trainlib's semantics; with one process both are the same
+    main = [
+        Spec(f"{tl}, {SEEDED}", "trainlib", True, SEEDED, norm, ddp, note="a user's Dataset, trainlib's defaults"),
+        Spec(f"{tl}, {PER_SAMPLE} (random_fetch=False)", "trainlib", True, PER_SAMPLE, norm, ddp,
+             note="the dataset declares it draws no randomness: no per-batch seeding"),
+    ]
+    if not ddp:
+        main.insert(1, Spec(f"{tl} unfused, {SEEDED}", "trainlib", False, SEEDED,
+                            note="optimizer=AdamW(fused=False) given to Trainer"))
+    if batch_fetch:
+        main.append(Spec(f"{tl} default, {BATCH_FETCH} (TensorDataset)", "trainlib", True, BATCH_FETCH, norm, ddp,
+                         note="trainlib's default for a TensorDataset"))
+    if device.type == "cuda" and not ddp:
+        main += [Spec("trainlib compile", "trainlib", True, BATCH_FETCH if batch_fetch else SEEDED,
+                      flags=(("compile", True),)),
+                 Spec("trainlib graphs", "trainlib", True, DEVICE, flags=(("cuda_graphs", True),)),
+                 Spec("trainlib compile+graphs", "trainlib", True, DEVICE,
+                      flags=(("compile", True), ("cuda_graphs", True)))]
+    if lightning_version() and not ddp:
+        main += [Spec(LIGHTNING, "lightning", False, PER_SAMPLE), Spec("Lightning, fused", "lightning", True, PER_SAMPLE)]
+    refs: list[Spec] = []
+    for s in main:
+        for r in (reference(s), plain_reference(s), mean_norm_reference(s)):
+            if r is not None and r not in refs:
+                refs.append(r)
+    order = {p: i for i, p in enumerate(DATA_PATHS)}
+    refs.sort(key=lambda r: (r.engine != "hand", order[r.data], r.fused, r.norm))
+    return {s.name: s for s in refs + main}
+
+
+def select(variants: dict[str, Spec], spec: str) -> dict[str, Spec]:
+    """Keep the variants whose name contains one of the comma-separated substrings (any case), and
+    the hand-written references they are measured against."""
+    keys = [s.strip().lower() for s in spec.split(",") if s.strip()]
+    if not keys:
+        return dict(variants)
+    chosen = {k for k in variants if any(s in k.lower() for s in keys)}
+    for k in list(chosen):
+        for r in (reference(variants[k]), plain_reference(variants[k]), mean_norm_reference(variants[k])):
+            if r is not None and r.name in variants:
+                chosen.add(r.name)
+    return {k: v for k, v in variants.items() if k in chosen}
+
+
+TENSOR_DATASETS = {"mlp", "r2plus1d"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Running one variant (in the child process)
+
+class _UserDataset(Dataset):
+    """The workload's samples read one at a time, as a user's own Dataset: trainlib seeds each
+    batch's fetch (random_fetch defaults to True)."""
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        return self.ds[i]
+
+
+class _PerSample(_UserDataset):
+    """The same, declaring that it draws no randomness: trainlib does not seed its batches."""
+    random_fetch = False
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def hand_loader(ds: Dataset, data: str, run: Run):
+    """(loader, set_epoch) for the hand-written loop's data path."""
+    rank, world = _rank_world()
+    pin = run.device.type == "cuda"
+    if data == PER_SAMPLE:
+        if world > 1:
+            from torch.utils.data.distributed import DistributedSampler
+            sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=0, drop_last=True)
+            return DataLoader(ds, batch_size=run.batch, sampler=sampler, drop_last=True, pin_memory=pin), sampler.set_epoch
+        return DataLoader(ds, batch_size=run.batch, shuffle=True, drop_last=True, pin_memory=pin), lambda e: None
+    if data not in (SEEDED, BATCH_FETCH):
+        raise ValueError(f"hand-written loop: no data path {data!r}")
+    if data == BATCH_FETCH and not isinstance(ds, TensorDataset):
+        raise ValueError("batch fetch needs a TensorDataset")
+    sampler = ShardSampler(len(ds), rank, world, shuffle=True, seed=0, drop_last=True)
+    source = _UserDataset(ds) if data == SEEDED else ds
+    loader = build_loader(source, batch_size=run.batch, sampler=sampler, collate_fn=None, num_workers=0,
+                          pin_memory=pin, drop_last=True, seeded=True)
+    return loader, sampler.set_epoch
+
+
+def hand_written(w: Workload, run: Run, fused: bool = False, data: str = PER_SAMPLE, norm: str = "mean") -> list[float]:
+    """The loop a user writes by hand: DataLoader, forward, loss, backward, step (DDP under torchrun).
+    norm="exact" (DDP): the loss is weighted by this rank's sample count over the global count, an
+    all_reduce per step, so the gradient is that of the global batch whatever the ranks' counts."""
     dev = run.device
+    rank, world = _rank_world()
     torch.manual_seed(0)
     model = w.make_model().to(dev)
+    net: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0, fused=fused)
-    loader = DataLoader(w.dataset, batch_size=run.batch, shuffle=True, drop_last=True,
-                        pin_memory=dev.type == "cuda")
+    loader, set_epoch = hand_loader(w.dataset, data, run)
+    exact = norm == "exact" and world > 1
     clock = Clock(run)
+    epoch = 0
+    set_epoch(epoch)
     it = iter(loader)
     for _ in range(run.steps):
         try:
             b = next(it)
         except StopIteration:
+            epoch += 1
+            set_epoch(epoch)
             it = iter(loader)
             b = next(it)
         b = _to(b, dev)
         with _autocast(run):
-            loss = _loss_value(w.loss_fn(w.forward(model, b), b))
+            loss = _loss_value(w.loss_fn(w.forward(net, b), b))
+        if exact:
+            n = torch.tensor(float(_batch_len(b)), device=dev)
+            total = n.clone()
+            torch.distributed.all_reduce(total)
+            loss = loss * (n * world / total)  # DDP averages over ranks: sum_r n_r loss_r / total
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         clock.tick()
     return clock.stamps
+
+
+def _batch_len(b) -> int:
+    v = next(iter(b.values())) if isinstance(b, dict) else b[0]
+    return len(v)
 
 
 def hand_graphed(w: Workload, run: Run, compile_model: bool = True, warmup_iters: int = 3) -> list[float]:
@@ -292,40 +512,45 @@ class _Stamps(Callback):
         self.clock.tick()
 
 
-class _PerSample(Dataset):
-    """The workload's samples read one at a time, as the hand-written loop's DataLoader reads them
-    (a TensorDataset would be fetched a batch at a time by trainlib). No augmentation, so trainlib
-    is told it need not seed each batch (`random_fetch = False`)."""
+def _shared_tmpdir():
+    """A temporary folder, the same on every rank (rank 0 makes it)."""
+    rank, world = _rank_world()
+    if world == 1:
+        return tempfile.TemporaryDirectory()
+    holder = [tempfile.mkdtemp(prefix="trainlib-bench-") if rank == 0 else None]
+    torch.distributed.broadcast_object_list(holder, src=0)
 
-    random_fetch = False
+    @contextlib.contextmanager
+    def cm():
+        try:
+            yield holder[0]
+        finally:
+            torch.distributed.barrier()
+            if rank == 0:
+                shutil.rmtree(holder[0], ignore_errors=True)
+    return cm()
 
-    def __init__(self, ds: Dataset) -> None:
-        self.ds = ds
 
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int):
-        return self.ds[i]
-
-
-def trainlib_variant(device_resident: bool = False, per_sample: bool = False, **flags):
-    """Trainer.fit with TrainerConfig(**flags); device_resident: trainlib's own GPU input pipeline;
-    per_sample: the hand-written loop's data path exactly (isolates the engine's own overhead)."""
-    def run_(w: Workload, run: Run) -> list[float]:
-        torch.manual_seed(0)
-        stamp = _Stamps(run)
-        dataset = _PerSample(w.dataset) if per_sample else w.dataset
-        data = DataConfig(batch_size=run.batch, drop_last=True, **({"device_resident": True} if device_resident else {}))
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = TrainerConfig(max_steps=run.steps, max_epochs=10**6, out_dir=tmp, save_top_k=0, save_last=False,
-                                export=False, device=run.device.type, precision=run.precision, **flags)
-            t = Trainer(w.make_model(), w.loss_fn, dataset, config=cfg, optim=OptimConfig(name="adamw", lr=run.lr),
-                        data=data, log_config=LogConfig(loggers=["jsonl"], every_n_steps=50, progress_bar=False),
-                        forward_fn=w.forward, callbacks=[stamp])
-            t.fit()
-        return stamp.clock.stamps
-    return run_
+def trainlib_run(w: Workload, run: Run, s: Spec) -> tuple[list[float], dict]:
+    """Trainer.fit on the spec's data path and optimizer kernel; TrainerConfig(**flags)."""
+    torch.manual_seed(0)
+    stamp = _Stamps(run)
+    dataset = {SEEDED: _UserDataset, PER_SAMPLE: _PerSample}.get(s.data, lambda d: d)(w.dataset)
+    if s.data == BATCH_FETCH and not isinstance(dataset, TensorDataset):
+        raise ValueError("batch fetch needs a TensorDataset")
+    data = DataConfig(batch_size=run.batch, drop_last=True, **({"device_resident": True} if s.data == DEVICE else {}))
+    # fused: trainlib's own choice (build_optimizer); unfused: an optimizer given to the Trainer
+    optimizer = None if s.fused else (lambda p: torch.optim.AdamW(p, lr=run.lr, weight_decay=0.0, fused=False))
+    with _shared_tmpdir() as tmp:
+        cfg = TrainerConfig(max_steps=run.steps, max_epochs=10**6, out_dir=tmp, run_name="bench", save_top_k=0,
+                            save_last=False, export=False, device=run.device.type, precision=run.precision,
+                            **dict(s.flags))
+        t = Trainer(w.make_model(), w.loss_fn, dataset, config=cfg, optim=OptimConfig(name="adamw", lr=run.lr),
+                    data=data, log_config=LogConfig(loggers=["jsonl"], every_n_steps=50, progress_bar=False),
+                    forward_fn=w.forward, callbacks=[stamp], optimizer=optimizer)
+        t.fit()
+        fused = bool(t.optimizer.defaults.get("fused"))
+    return stamp.clock.stamps, {"fused": fused}
 
 
 def lightning_version() -> Optional[str]:
@@ -336,7 +561,7 @@ def lightning_version() -> Optional[str]:
     return lightning.__version__
 
 
-def lightning_variant(w: Workload, run: Run) -> list[float]:
+def lightning_run(w: Workload, run: Run, fused: bool) -> tuple[list[float], dict]:
     import lightning as L
 
     class Module(L.LightningModule):
@@ -350,7 +575,7 @@ def lightning_variant(w: Workload, run: Run) -> list[float]:
             return loss
 
         def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=run.lr, weight_decay=0.0)
+            return torch.optim.AdamW(self.parameters(), lr=run.lr, weight_decay=0.0, fused=fused)
 
     class Stamps(L.Callback):
         def __init__(self):
@@ -366,46 +591,150 @@ def lightning_variant(w: Workload, run: Run) -> list[float]:
                         precision=run.precision, logger=False, enable_checkpointing=False, callbacks=[cb],
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Module(), DataLoader(w.dataset, batch_size=run.batch, shuffle=True, drop_last=True, pin_memory=cuda))
-    return cb.clock.stamps
+    return cb.clock.stamps, {"fused": fused}
 
 
-def all_variants(device: torch.device) -> dict[str, Callable[[Workload, Run], list[float]]]:
-    v: dict[str, Callable[[Workload, Run], list[float]]] = {
-        "hand-written loop": hand_written,
-        # the same loop with the fused AdamW trainlib uses: isolates the engine's own overhead
-        "hand-written fused": lambda w, r: hand_written(w, r, fused=True),
-    }
-    if device.type == "cuda":
-        v["hand-written graph"] = lambda w, r: hand_graphed(w, r, compile_model=False)
-        v["hand-written compile+graph"] = hand_graphed
-    v["trainlib eager"] = trainlib_variant()
-    v["trainlib, per-sample data"] = trainlib_variant(per_sample=True)
-    if device.type == "cuda":
-        v["trainlib compile"] = trainlib_variant(compile=True)
-        v["trainlib graphs"] = trainlib_variant(cuda_graphs=True, device_resident=True)
-        v["trainlib compile+graphs"] = trainlib_variant(compile=True, cuda_graphs=True, device_resident=True)
-    if lightning_version():
-        v["Lightning"] = lightning_variant
-    return v
-
-
-def select(variants: dict, spec: str) -> dict:
-    """Keep the variants whose name contains one of the comma-separated substrings (any case)."""
-    keys = [s.strip().lower() for s in spec.split(",") if s.strip()]
-    if not keys:
-        return dict(variants)
-    return {k: f for k, f in variants.items() if any(s in k.lower() for s in keys)}
+def run_spec(s: Spec, w: Workload, run: Run) -> tuple[list[float], dict]:
+    """Run one variant in this process: (step-end timestamps, {"fused": the kernel actually used})."""
+    if s.engine == "hand":
+        if s.ddp != (_rank_world()[1] > 1):
+            raise RuntimeError(f"{s.name}: {'needs' if s.ddp else 'must not run under'} torchrun")
+        return hand_written(w, run, s.fused, s.data, s.norm), {"fused": s.fused}
+    if s.engine == "hand-graph":
+        return hand_graphed(w, run, compile_model=dict(s.flags).get("compile", False)), {"fused": True}
+    if s.engine == "trainlib":
+        return trainlib_run(w, run, s)
+    if s.engine == "lightning":
+        return lightning_run(w, run, s.fused)
+    raise ValueError(f"unknown engine {s.engine!r}")
 
 
 # ------------------------------------------------------------------------------------------------
-# Running and reporting
+# Callgrind client requests from Python (x86-64): valgrind.h's magic sequence in an executable page
 
-HAND, HAND_GRAPH, LIGHTNING = "hand-written loop", "hand-written compile+graph", "Lightning"
+_VG_RUNNING_ON_VALGRIND = 0x1001
+_CG_TOGGLE_COLLECT, _CG_START_INSTRUMENTATION = 0x43540002, 0x43540004  # VG_USERREQ_TOOL_BASE('C','T') + n
+# mov rax,rdi (args); xor edx,edx (default 0); rol rdi,3/13/61/51; xchg rbx,rbx; mov rax,rdx; ret
+_STUB = bytes.fromhex("4889f8" "31d2" "48c1c703" "48c1c70d" "48c1c73d" "48c1c733" "4887db" "4889d0" "c3")
+
+
+def client_request() -> Optional[Callable[..., int]]:
+    """request(code, *args) -> valgrind's answer (0 when not under valgrind); None off x86-64."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(_STUB)
+    fn = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p)(ctypes.addressof(ctypes.c_char.from_buffer(page)))
+
+    def request(code: int, *args: int) -> int:
+        arr = (ctypes.c_uint64 * 6)(code, *args, *([0] * (5 - len(args))))
+        return fn(ctypes.addressof(arr))
+    request.page = page  # keep the page mapped
+    return request
+
+
+def callgrind_window() -> Callable[[bool], None]:
+    """The Clock's window hook: instrumentation + collection on after warm-up, collection off at the end."""
+    req = client_request()
+    if req is None or req(_VG_RUNNING_ON_VALGRIND) == 0:
+        raise RuntimeError("--instructions: this child is not running under valgrind on x86-64")
+
+    def window(on: bool) -> None:
+        if on:
+            req(_CG_START_INSTRUMENTATION)
+        req(_CG_TOGGLE_COLLECT)
+    return window
+
+
+def callgrind_total(path: str) -> int:
+    """The Ir total of a callgrind output file (its `totals:` line, else its `summary:` line)."""
+    text = Path(path).read_text()
+    m = re.search(r"^totals:\s+(\d+)", text, re.M) or re.search(r"^summary:\s+(\d+)", text, re.M)
+    if not m:
+        raise RuntimeError(f"no totals line in {path}")
+    return int(m.group(1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes: one child per variant run
+
+MARK = "BENCH-RESULT "
+
+
+def child_main(payload: str) -> None:
+    """`python -m launch.bench --child JSON`: run one variant, print its result on one marked line."""
+    p = json.loads(payload)
+    global _WINDOW
+    try:
+        torch.set_num_threads(p["threads"])
+        s = Spec(**{**p["spec"], "flags": tuple(tuple(f) for f in p["spec"]["flags"])})
+        run = Run(torch.device(p["device"]), p["batch"], p["steps"], p["warmup"], p["lr"], p["precision"])
+        if p.get("count"):
+            _WINDOW = callgrind_window()
+        w = WORKLOADS[p["model"]](run.batch, run.steps)
+        stamps, info = run_spec(s, w, run)
+        peak = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None
+        result = {"stamps": stamps, "peak": peak, **info}
+    except Exception as e:  # noqa: BLE001 - reported by the parent in one line
+        result = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}
+    print(MARK + json.dumps(result), flush=True)
+
+
+def child_payload(s: Spec, args, count: bool = False) -> str:
+    return json.dumps({"spec": asdict(s), "model": args.model, "device": args.device, "batch": args.batch,
+                       "steps": args.steps, "warmup": args.warmup, "lr": args.lr, "precision": args.precision,
+                       "threads": args.threads, "count": count})
+
+
+def run_child(cmd: list[str], timeout: Optional[float] = None) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(MARK):
+            res = json.loads(line[len(MARK):])
+            if "error" in res:
+                raise RuntimeError(res["error"])
+            return res
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    raise RuntimeError(f"child exited {proc.returncode}: {tail}")
+
+
+def isolated_runner(args) -> Callable[[Spec], dict]:
+    """runner(spec) -> {"stamps", "peak", "fused"}: one fresh `python -m launch.bench --child` per call."""
+    return lambda s: run_child([sys.executable, "-m", "launch.bench", "--child", child_payload(s, args)])
+
+
+def inline_runner(w: Workload, run: Run) -> Callable[[Spec], dict]:
+    """runner(spec) in this process (DDP: every rank runs every variant in turn)."""
+    def runner(s: Spec) -> dict:
+        import gc
+        gc.collect()
+        if run.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(run.device)
+        with _same_global_flags(), contextlib.redirect_stdout(io.StringIO()), _quiet_logs():
+            stamps, info = run_spec(s, w, run)
+        peak = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None
+        return {"stamps": stamps, "peak": peak, **info}
+    return runner
+
+
+@contextlib.contextmanager
+def _quiet_logs():
+    """In-process runs: trainlib's run summary and notes would interleave with the table."""
+    lg = logging.getLogger("trainlib")
+    level = lg.level
+    lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
 
 
 @contextlib.contextmanager
 def _same_global_flags():
-    """A variant (Lightning, trainlib) may set process-wide torch flags; the next one must not inherit them."""
+    """In-process runs (DDP): a variant may set process-wide torch flags; the next must not inherit them."""
     saved = (torch.get_num_threads(), torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark,
              torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled())
@@ -418,94 +747,147 @@ def _same_global_flags():
         torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
 
 
-def run_variants(variants: dict, w: Workload, run: Run, repeats: int, out=sys.stdout):
+def instructions_runner(args, keep_dir: Optional[str] = None) -> Callable[[Spec], dict]:
+    """runner(spec) -> {"instructions", "window_steps", "fused"}: the child under callgrind, counting
+    only the training window (see callgrind_window)."""
+    if not shutil.which("valgrind"):
+        raise RuntimeError("--instructions needs valgrind on PATH")
+    if keep_dir:
+        os.makedirs(keep_dir, exist_ok=True)
+
+    def runner(s: Spec) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(keep_dir or tmp, "callgrind." + re.sub(r"[^a-z0-9]+", "-", s.name.lower()).strip("-"))
+            cmd = ["valgrind", "--tool=callgrind", "--collect-atstart=no", "--instr-atstart=no",
+                   f"--callgrind-out-file={out}", sys.executable, "-m", "launch.bench", "--child",
+                   child_payload(s, args, count=True)]
+            res = run_child(cmd)
+            n = len(res["stamps"])
+            if n != args.steps:
+                raise RuntimeError(f"ran {n} of {args.steps} steps")
+            return {"instructions": callgrind_total(out), "window_steps": args.steps - args.warmup - 1,
+                    "fused": res["fused"]}
+    return runner
+
+
+# ------------------------------------------------------------------------------------------------
+# Running and reporting
+
+def run_variants(specs: dict[str, Spec], run: Run, repeats: int, runner: Callable[[Spec], dict], out=sys.stdout):
     """Interleaved rounds (drift hits every variant alike). Returns ({name: [ms/step per round]},
-    {name: peak GiB or None}, {name: error}); a variant that raises is reported in one line and
-    not run again."""
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    peaks: dict[str, Optional[float]] = {k: None for k in variants}
+    {name: peak GiB or None}, {name: error}); a variant that fails (or whose optimizer kernel is
+    not the one its row says) is reported in one line and not run again."""
+    times: dict[str, list[float]] = {k: [] for k in specs}
+    peaks: dict[str, Optional[float]] = {k: None for k in specs}
     failed: dict[str, str] = {}
-    cuda = run.device.type == "cuda"
     for _ in range(repeats):
-        for name, fn in variants.items():
+        for name, s in specs.items():
             if name in failed:
                 continue
-            gc.collect()
-            if cuda:
-                torch._dynamo.reset()  # every compiled variant compiles afresh: no recompile limits, no sharing
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(run.device)
             try:
-                with _same_global_flags():
-                    stamps = fn(w, run)
-                times[name].append(ms_per_step(stamps, run.warmup, run.steps))
+                res = runner(s)
+                if "fused" in res and bool(res["fused"]) != s.fused:
+                    raise RuntimeError(f"ran the {'fused' if res['fused'] else 'unfused'} kernel, row says {s.kernel}")
+                times[name].append(ms_per_step(res["stamps"], run.warmup, run.steps))
             except Exception as e:  # noqa: BLE001 - one broken variant must not cost the others' numbers
                 msg = (str(e).strip().splitlines() or [""])[0]
-                failed[name] = f"{type(e).__name__}: {msg}"
+                failed[name] = msg if msg.startswith(type(e).__name__) else f"{type(e).__name__}: {msg}"
                 times[name], peaks[name] = [], None  # a variant that failed in any round is reported as failed
                 print(f"variant {name} failed: {failed[name]}", file=out, flush=True)
                 continue
-            finally:
-                if cuda:
-                    with contextlib.suppress(Exception):
-                        torch.cuda.synchronize(run.device)
-            if cuda:
-                peak = torch.cuda.max_memory_allocated(run.device) / 2**30
-                peaks[name] = max(peaks[name] or 0.0, peak)
+            if res.get("peak") is not None:
+                peaks[name] = max(peaks[name] or 0.0, res["peak"])
     return times, peaks, failed
 
 
-def summarize(times: dict[str, list[float]], peaks: dict[str, Optional[float]], gpu: bool) -> list[dict]:
-    """One row per variant: median, spread, peak and the ratios (None where a reference is missing)."""
-    med = {k: statistics.median(v) for k, v in times.items() if v}
-    hand, light, hgraph = med.get(HAND), med.get(LIGHTNING), med.get(HAND_GRAPH)
+def ratio_refs(s: Spec, specs: dict[str, Spec], gpu: bool) -> dict[str, Optional[str]]:
+    """Column -> the name of the variant this row is divided by (None: no such column entry)."""
+    def named(r):
+        return r.name if r is not None and r.name in specs and r.name != s.name else None
+    cols = {"vs reference": named(reference(s)), "vs plain loop": named(plain_reference(s))}
+    if s.ddp:
+        cols["vs mean-norm loop"] = named(mean_norm_reference(s))
+    cols["Lightning / this"] = LIGHTNING if LIGHTNING in specs and LIGHTNING != s.name else None
+    if gpu:
+        cols["vs hand graph"] = HAND_GRAPH if HAND_GRAPH in specs and HAND_GRAPH != s.name else None
+    return cols
+
+
+def summarize(specs: dict[str, Spec], values: dict[str, list[float]], peaks: dict[str, Optional[float]],
+              gpu: bool) -> list[dict]:
+    """One row per variant: median, spread, peak and the ratios (None where a reference is missing).
+    values: ms/step per round, or instructions per step (one 'round')."""
+    med = {k: statistics.median(v) for k, v in values.items() if v}
+    names = list(specs)
     rows = []
-    for k, v in times.items():
+    for k, s in specs.items():
         m = med.get(k)
-        rows.append({
-            "variant": k, "ms": m, "min": min(v) if v else None, "max": max(v) if v else None,
-            "peak_gib": peaks.get(k),
-            "vs_hand": m / hand if m and hand else None,
-            "lightning_over": light / m if m and light else None,
-            "vs_hand_graph": m / hgraph if (gpu and m and hgraph) else None,
-        })
+        row = {"variant": k, "index": names.index(k) + 1, "optimizer": s.kernel, "data": s.data, "norm": s.norm,
+               "ms": m, "min": min(values[k]) if values.get(k) else None,
+               "max": max(values[k]) if values.get(k) else None, "peak_gib": peaks.get(k), "ratios": {}, "refs": {}}
+        for col, ref in ratio_refs(s, specs, gpu).items():
+            r = med.get(ref) if ref else None
+            if col == "Lightning / this":
+                row["ratios"][col] = r / m if (m and r) else None
+            else:
+                row["ratios"][col] = m / r if (m and r) else None
+            row["refs"][col] = names.index(ref) + 1 if ref else None
+        rows.append(row)
     return rows
 
 
-def format_table(rows: list[dict], gpu: bool) -> list[str]:
-    """Fixed-width text: the variant name left-aligned, every other column right-aligned."""
+def format_table(rows: list[dict], gpu: bool, ddp: bool = False, lightning: bool = False,
+                 unit: str = "ms/step (median)", instructions: bool = False) -> list[str]:
+    """Fixed-width text: the variant name left-aligned, every other column right-aligned. Ratio
+    columns say which row they divide by: `1.022x [3]` = 1.022 times row 3's figure."""
     def f(x, spec, suffix=""):
         return "-" if x is None else f"{x:{spec}}{suffix}"
 
-    head = ["variant", "ms/step (median)", "spread", "peak GiB", "vs hand-written", "Lightning / this"]
-    head += ["vs hand graph"] if gpu else []
+    cols = ["vs reference", "vs plain loop"] + (["vs mean-norm loop"] if ddp else []) + \
+        (["Lightning / this"] if lightning else []) + (["vs hand graph"] if gpu else [])
+    head = ["#", "variant", "optimizer", "data"] + (["norm"] if ddp else []) + [unit]
+    head += [] if instructions else ["spread", "peak GiB"]
+    head += cols
     table = [head]
     for r in rows:
+        left = [str(r["index"]), r["variant"], r["optimizer"], r["data"]] + ([r["norm"]] if ddp else [])
         if r["ms"] is None:
-            cells = ["failed"] + ["-"] * (len(head) - 2)
+            cells = ["failed"] + ["-"] * (len(head) - len(left) - 1)
         else:
-            cells = [f(r["ms"], ".3f"), f"{r['min']:.3f}-{r['max']:.3f}", f(r["peak_gib"], ".2f"),
-                     f(r["vs_hand"], ".3f", "x"), f(r["lightning_over"], ".2f", "x")]
-            cells += [f(r["vs_hand_graph"], ".2f", "x")] if gpu else []
-        table.append([r["variant"]] + cells)
+            cells = [f(r["ms"], ",.0f" if instructions else ".3f")]
+            if not instructions:
+                cells += [f"{r['min']:.3f}-{r['max']:.3f}", f(r["peak_gib"], ".2f")]
+            for c in cols:
+                x, ref = r["ratios"].get(c), r["refs"].get(c)
+                cells.append("-" if x is None else f"{x:.3f}x [{ref}]")
+        table.append(left + cells)
     widths = [max(len(row[c]) for row in table) for c in range(len(head))]
-    return [row[0].ljust(widths[0]) + "".join(cell.rjust(w + 3) for cell, w in zip(row[1:], widths[1:]))
-            for row in table]
+    n_left = 5 if ddp else 4
+    lines = []
+    for row in table:
+        lines.append((row[0].rjust(widths[0]) + "  " + "  ".join(c.ljust(w) for c, w in zip(row[1:n_left], widths[1:n_left]))
+                      + "".join(c.rjust(w + 3) for c, w in zip(row[n_left:], widths[n_left:]))).rstrip())
+    width = max(len(line) for line in lines)
+    return [line.ljust(width) for line in lines]
 
 
-def header(args, run: Run) -> str:
+def header(args, run: Run, world: int = 1) -> str:
     dev = run.device
     where = f"gpu={torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else f"cpu={platform.machine()}"
-    return (f"model={args.model} device={dev} {where} batch={run.batch} precision={run.precision} "
-            f"steps={run.steps} (timed: {run.warmup + 2}-{run.steps}) repeats={args.repeats} "
-            f"threads={args.threads} torch={torch.__version__} lightning={lightning_version() or 'not installed'}")
+    mode = "instructions (callgrind, training window only)" if args.instructions else \
+        (f"DDP x{world} ({'nccl' if dev.type == 'cuda' else 'gloo'}), in-process" if world > 1 else
+         "one process per variant run")
+    return (f"model={args.model} device={dev.type} {where} batch={run.batch}{'/rank' if world > 1 else ''} "
+            f"precision={run.precision} steps={run.steps} (timed: {run.warmup + 2}-{run.steps}) "
+            f"repeats={1 if args.instructions else args.repeats} threads={args.threads} torch={torch.__version__} "
+            f"lightning={lightning_version() or 'not installed (no Lightning rows)'} mode: {mode}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(WORKLOADS), default="mlp")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=None, help="default: 8 for pdan and r2plus1d, 32 for mlp")
+    ap.add_argument("--batch", type=int, default=None, help="default: 8 for pdan, r2plus1d, segformer; 32 for mlp")
     ap.add_argument("--precision", choices=PRECISIONS, default=None,
                     help="used by every variant; default: bf16-mixed on cuda, 32-true on cpu")
     ap.add_argument("--steps", type=int, default=300, help="steps per variant per round")
@@ -513,7 +895,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = the PERF_ANCHORS setting)")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--variants", default="", help="comma-separated substrings of variant names to run (default: all)")
+    ap.add_argument("--variants", default="", help="comma-separated substrings of variant names to run (default: "
+                    "all); the hand-written references of the chosen ones are always added")
+    ap.add_argument("--instructions", action="store_true",
+                    help="count instructions per step under callgrind (training window only), each variant once")
+    ap.add_argument("--keep-callgrind", default=None, metavar="DIR",
+                    help="--instructions: keep the callgrind output files in DIR")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     try:
         device = torch.device(args.device)
@@ -527,25 +915,67 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}) by at least 2")
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    args.ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.instructions and (args.ddp or device.type != "cpu"):
+        ap.error("--instructions counts a single CPU process: not under torchrun, --device cpu")
     args.batch = args.batch or DEFAULT_BATCH[args.model]
     args.precision = args.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
-    variants = select(all_variants(device), args.variants)
+    variants = select(all_variants(device, args.model, args.ddp), args.variants)
     if not variants:
-        ap.error(f"--variants {args.variants!r} matches none of: {', '.join(all_variants(device))}")
+        ap.error(f"--variants {args.variants!r} matches none of: "
+                 f"{', '.join(all_variants(device, args.model, args.ddp))}")
     args.selected = variants
     return args
 
 
 def main(argv=None) -> None:
+    raw = sys.argv[1:] if argv is None else argv
+    if raw[:1] == ["--child"]:
+        return child_main(raw[1])
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Run(torch.device(args.device), args.batch, args.steps, args.warmup, args.lr, args.precision)
-    w = WORKLOADS[args.model](args.batch, args.steps)
-    times, peaks, _ = run_variants(args.selected, w, run, args.repeats)
     gpu = run.device.type == "cuda"
-    print("\n" + header(args, run))
-    for line in format_table(summarize(times, peaks, gpu), gpu):
-        print(line)
+    world, rank = 1, 0
+    if args.ddp:
+        from trainlib import dist as tdist
+        env = tdist.init(tdist.pick_device(args.device, tdist.env_from_torchrun()), 600.0)
+        world, rank = env.world_size, env.rank
+        if gpu:
+            run = replace(run, device=torch.device("cuda", env.local_rank % torch.cuda.device_count()))
+        w = WORKLOADS[args.model](args.batch, args.steps)
+        runner = inline_runner(w, run)
+    elif args.instructions:
+        runner = instructions_runner(args, args.keep_callgrind)
+    else:
+        runner = isolated_runner(args)
+    out = sys.stdout if rank == 0 else open(os.devnull, "w")
+    if args.instructions:
+        values, failed = {k: [] for k in args.selected}, {}
+        for name, s in args.selected.items():
+            try:
+                res = runner(s)
+                if bool(res["fused"]) != s.fused:
+                    raise RuntimeError(f"ran the {'fused' if res['fused'] else 'unfused'} kernel, row says {s.kernel}")
+                values[name] = [res["instructions"] / res["window_steps"]]
+            except Exception as e:  # noqa: BLE001
+                failed[name] = str(e).splitlines()[0] if str(e) else type(e).__name__
+                print(f"variant {name} failed: {failed[name]}", file=out, flush=True)
+        rows = summarize(args.selected, values, {}, gpu=False)
+        print("\n" + header(args, run), file=out)
+        for line in format_table(rows, gpu=False, lightning=LIGHTNING in args.selected,
+                                 unit="instructions/step", instructions=True):
+            print(line, file=out)
+        return None
+    times, peaks, _ = run_variants(args.selected, run, args.repeats, runner, out=out)
+    print("\n" + header(args, run, world), file=out)
+    for line in format_table(summarize(args.selected, times, peaks, gpu), gpu, ddp=args.ddp,
+                             lightning=LIGHTNING in args.selected):
+        print(line, file=out, flush=True)
+    if args.ddp:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return None
 
 
 if __name__ == "__main__":
