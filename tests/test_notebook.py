@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -59,11 +58,9 @@ def test_example_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebook's tempfile.mkdtemp(): here even when a cell fails
     client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name=_kernel_name(),
                                      resources={"metadata": {"path": str(ROOT)}})
-    t0 = time.time()
     try:
         client.execute()
     except nbclient.exceptions.CellExecutionError as e:
         pytest.fail(f"{NOTEBOOK.relative_to(ROOT)}: a cell failed:\n{e}", pytrace=False)
-    print(f"notebook executed in {time.time() - t0:.1f} s")
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
