@@ -22,7 +22,18 @@ import yaml
 
 
 class UserError(Exception):
-    """Bad input from the user (config, data, checkpoint): reported as one clear line, no traceback."""
+    """Bad input from the user (config, data, checkpoint): reported as one clear line, no traceback.
+
+    Raised in a DataLoader worker (a clip that does not decode), torch re-raises it in the main
+    process as the same class with the worker's whole traceback as the message; the message is
+    cut back to what the dataset said."""
+
+    def __init__(self, *args: Any) -> None:
+        text = args[0] if len(args) == 1 and isinstance(args[0], str) else ""
+        name = f"{type(self).__name__}: "
+        if text.startswith("Caught ") and "\nOriginal Traceback" in text and name in text:
+            args = (text[text.rfind(name) + len(name):].strip(),)
+        super().__init__(*args)
 
 
 class ConfigError(UserError, ValueError):

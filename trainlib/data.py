@@ -534,7 +534,7 @@ def build_loaders(datasets: dict[str, Any], data: Any, *, seed: int, accumulate:
         if len(loaders["train"]) == 0:
             raise ConfigError(f"the train split has {len(train)} samples: not enough for one batch of "
                               f"data.batch_size={data.batch_size} on {world} process(es)")
-    for split in ("val", "test"):
+    for split in [s for s in datasets if s != "train"]:  # val, test and unlabelled ones (predict_data)
         ds = datasets.get(split)
         if ds is not None:
             if len(ds) == 0:

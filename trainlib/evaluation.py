@@ -10,28 +10,45 @@ forward per batch, only when predict_fn is given; `loss_from_predict=True` skips
 outputs are what the loss function takes (a multi-view model scored on all views).
 predict_fn runs on the plain module (`Wrapped.model`): a sampling loop or generation has
 data-dependent control flow that a compiled graph would recompile or break on.
+
+Prediction files (a SoccerNet predictions json, PNG masks, generated captions) come from a
+recipe's `PredictionWriter`: at the final test (end of fit, test_only) it sees every batch's
+predicted outputs next to the metrics, then `write(run_dir, split)` runs on every rank (it may
+gather; rank 0 writes what is shared). Splits without labels (a challenge set: the Trainer's
+`predict_data`) are only predicted: no loss, no metrics, the writer alone.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.distributed as torch_dist
 
 from .config import ConfigError
-from .data import DevicePrefetcher, map_tensors, to_device
+from .data import DevicePrefetcher, limit_batches, map_tensors, to_device
 from .dist import DistEnv
 from .metrics import MeanMetric, Metric
 from .parallel import Wrapped
 from .precision import Precision
 
 
+class PredictionWriter(Protocol):
+    """Saves a split's predictions as files: update() per batch on each rank (no host sync needed),
+    then write() once on every rank."""
+
+    def update(self, outputs: Any, batch: Any) -> None: ...
+    def write(self, run_dir: Path, split: str) -> None: ...
+
+
 @torch.no_grad()
 def evaluate(wrapped: Wrapped, loader: Any, n: int, forward_fn: Callable, unpack: Callable, metrics: list[Metric],
              precision: Precision, device: torch.device, env: DistEnv, split: str,
-             predict_fn: Callable | None = None, loss_from_predict: bool = False) -> dict[str, float]:
+             predict_fn: Callable | None = None, loss_from_predict: bool = False,
+             writer: PredictionWriter | None = None, run_dir: Path | None = None) -> dict[str, float]:
     """{"<split>/loss": ..., "<split>/<metric>": ...} over the first `n` batches of `loader` (every
-    rank must call)."""
+    rank must call); `writer` sees what the metrics see and writes into `run_dir` at the end."""
     for m in metrics:
         m.reset()
     loss_mean = MeanMetric("loss")
@@ -61,11 +78,38 @@ def evaluate(wrapped: Wrapped, loader: Any, n: int, forward_fn: Callable, unpack
         loss_mean.add(loss.float(), weight)
         for m in metrics:
             m.update(predicted if predict_fn else outputs, batch)
+        if writer is not None:
+            writer.update(predicted if predict_fn else outputs, batch)
     model.train(was_training)
     result = {f"{split}/{k}": v for k, v in loss_mean.compute(device).items()}
     for m in metrics:
         result.update({f"{split}/{k}": float(v) for k, v in m.compute(device).items()})
+    if writer is not None and run_dir is not None:
+        writer.write(run_dir, split)
     return result
+
+
+@torch.no_grad()
+def predict_unlabelled(t: Any) -> None:
+    """Every split of the Trainer `t`'s predict_data (no labels: a challenge set) through predict_fn
+    (else the training forward) into the recipe's prediction writer; every rank calls."""
+    if t.prediction_writer is None:
+        return
+    w = t.wrapped
+    for split in t.predict_splits:
+        writer, loader = t.prediction_writer(split), t.loaders[split]
+        n = limit_batches(len(loader), t.fast_dev_run or t.tc.limit_val_batches)
+        was_training = w.model.training
+        w.model.eval()
+        with t.ema.applied() if t.ema else contextlib.nullcontext():  # the averaged weights, when on
+            for i, batch in enumerate(DevicePrefetcher(loader, t.device)):
+                if i >= n:
+                    break
+                batch = t.precision.cast_batch(to_device(batch, t.device))
+                with t.precision.autocast():
+                    writer.update(t.predict_fn(w.model, batch) if t.predict_fn else t.forward_fn(w.model, batch), batch)
+        w.model.train(was_training)
+        writer.write(t.state.run_dir, split)
 
 
 def check_monitor(monitor: str, metrics: dict) -> None:

@@ -50,7 +50,8 @@ class Recipe:
     make_synthetic: Optional[Callable[..., Any]] = None      # (root, cfg) -> writes a dataset in the real format
     defaults: dict[str, Any] = field(default_factory=dict)   # engine-section defaults of the seed, e.g. {"optim.lr": 1e-4}
     demo: dict[str, Any] = field(default_factory=dict)       # applied only to the synthetic demo (no data.root)
-    aliases: dict[str, str] = field(default_factory=dict)    # seed flag names -> config keys, e.g. {"lr": "optim.lr"}
+    aliases: dict[str, str] = field(default_factory=dict)    # seed flag names -> config keys, e.g. {"lr": "optim.lr"},
+    #                                        or a switch -> key=value: {"mixed_precision": "trainer.precision=16-mixed"}
     param_groups: Optional[Callable[[Any, Any], list]] = None  # (model, cfg) -> torch param groups
     blocks: Optional[Callable[[Any], list]] = None           # (model) -> its repeated blocks (submodules or dotted
     #                                        names, e.g. the transformer layers): the FSDP units (trainlib/fsdp.py)
@@ -61,6 +62,9 @@ class Recipe:
     #                                        stepped once per optimizer step; wins over optim.scheduler
     description: str = ""
     search_space: Optional[Callable[[Any], dict]] = None     # (optuna trial) -> {config key: value}; launch/hyperopt.py
+    prediction_writer: Optional[Callable[[Any, str], Any]] = None  # (cfg, split) -> evaluation.PredictionWriter:
+    #                                        prediction files at the final test; build_datasets' splits other than
+    #                                        train/val/test (no labels, e.g. a challenge set) are predicted into it
     inference_overrides: dict[str, Any] = field(default_factory=dict)  # keys load_model sets before build_model,
     #                                        e.g. {"model.pretrained": ""}: the saved weights replace start-from weights
 
@@ -204,7 +208,7 @@ ENGINE_ALIASES = {
     "log_every_n_steps": "log.every_n_steps", "gradient_clip_val": "trainer.grad_clip",
     "gradient_clip_norm": "trainer.grad_clip", "enable_profiler": "profiler.enabled",
 }
-LAUNCHER_FLAGS = {"gpus", "devices", "nproc_per_node", "num_nodes"}
+LAUNCHER_FLAGS = {"gpus", "devices", "nproc_per_node", "num_nodes", "devices_per_node"}
 
 USAGE = """usage: python -m {module} [--config FILE.yaml] [section.key=value ...]
        torchrun --nproc_per_node=N -m {module} [--config FILE.yaml] [section.key=value ...]
@@ -294,10 +298,11 @@ def make_config(recipe: Recipe, file_data: dict, source: str, pairs: list[tuple[
     search calls it too, with the file's `hpo:` section taken out."""
     aliases = {**ENGINE_ALIASES, **recipe.aliases}
     ref = recipe_ref(recipe)
-    for k, _ in pairs:
-        if k in LAUNCHER_FLAGS:
-            raise ConfigError(f"--{k} picks the number of processes, which the launcher owns: use "
-                              f"`torchrun --nproc_per_node=N -m {_module_of(ref)}` or `launch/train_ddp.sh -g/-d`")
+    launcher = {k: v for k, v in pairs if k in LAUNCHER_FLAGS}
+    if launcher:
+        raise ConfigError(launcher_hint(launcher, pairs, _module_of(ref)))
+    pairs = switched(pairs, aliases)
+    aliases = {k: v for k, v in aliases.items() if "=" not in v}
 
     def fresh() -> Config:
         cfg = Config(model=recipe.model_config(), data=recipe.data_config(), recipe=ref)
@@ -336,6 +341,44 @@ def make_config(recipe: Recipe, file_data: dict, source: str, pairs: list[tuple[
             print(f"[trainlib] preset demo ({'auto: no data.root' if not probe.preset else 'preset=demo'}): "
                   f"{' '.join(applied)} (keys you set win; preset=none turns it off)", flush=True)
     return cfg, demo
+
+
+def switched(pairs: list[tuple[str, Any]], aliases: dict[str, str]) -> list[tuple[str, Any]]:
+    """Switch aliases (`--mixed_precision` -> trainer.precision=16-mixed) as key=value pairs, placed
+    first so a flag that sets the same key with a value wins (`--test_run --test_batches 3`)."""
+    first, rest = [], []
+    for k, v in pairs:
+        target = aliases.get(k, "")
+        if "=" not in target:
+            rest.append((k, v))
+            continue
+        on = str(v).strip().lower()
+        if on not in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            raise ConfigError(f"--{k} is a switch (it sets {target}): give it alone or as --{k}=true|false, got {v!r}")
+        if on in ("true", "1", "yes", "on"):
+            first.append(tuple(target.split("=", 1)))
+    return first + rest
+
+
+def launcher_hint(launcher: dict[str, Any], pairs: list[tuple[str, Any]], module: str) -> str:
+    """The torchrun command for --num_nodes / --devices_per_node / --gpus: processes are the launcher's."""
+    nodes = str(launcher.get("num_nodes", "1"))
+    per_node = str(launcher.get("devices_per_node") or launcher.get("nproc_per_node") or launcher.get("devices")
+                   or launcher.get("gpus") or "N")
+    if per_node == "-1":
+        per_node = "gpu"  # torchrun's own "one process per GPU"
+    rest = " ".join(f"--{k} {v}" for k, v in pairs if k not in LAUNCHER_FLAGS)
+    flags = ", ".join(f"--{k}" for k in launcher)
+    if nodes != "1":
+        cmd = (f"torchrun --nnodes={nodes} --nproc_per_node={per_node} --node_rank=<0..{int(nodes) - 1 if nodes.isdigit() else 'N-1'}> "
+               f"--rdzv_backend=c10d --rdzv_endpoint=<node 0 host>:29500 -m {module} {rest}".rstrip())
+        where = "on every node (the same command; node_rank 0 on the host named in rdzv_endpoint)"
+    else:
+        cmd, where = f"torchrun --nproc_per_node={per_node} -m {module} {rest}".rstrip(), ""
+    verb = "picks" if len(launcher) == 1 else "pick"
+    return (f"{flags} {verb} the number of processes, which the launcher owns, not the training script; run"
+            + (f" {where}" if where else "") + f":\n    {cmd}\n(or launch/train_ddp.sh -g/-d; "
+            "launch/slurm_example.sbatch on a cluster)")
 
 
 def _leaf_keys(d: dict, prefix: str) -> set[str]:
@@ -402,6 +445,8 @@ def build_trainer(recipe: Recipe, cfg: Config, demo: bool = False, *, callbacks:
     return Trainer(
         model, recipe.build_loss(cfg) if recipe.build_loss else recipe.loss,
         datasets.get("train") if not cfg.trainer.test_only else None, datasets.get("val"), datasets.get("test"),
+        predict_data={k: v for k, v in datasets.items() if k not in ("train", "val", "test") and v is not None},
+        prediction_writer=(lambda split: recipe.prediction_writer(cfg, split)) if recipe.prediction_writer else None,
         config=cfg, metrics=lambda: recipe.metrics(cfg), forward_fn=recipe.forward, predict_fn=recipe.predict,
         loss_from_predict=recipe.loss_from_predict, collate_fn=recipe.collate(cfg) if recipe.collate else None,
         callbacks=[*(recipe.callbacks(cfg) if recipe.callbacks else ()), *callbacks],

@@ -35,7 +35,8 @@ modules: wrapping the model (parallel.py), one optimizer step (step.py), the log
           on_train_epoch_end(state)                       # last.ckpt, history.json
           if state.should_stop: break                     # decided from reduced values
       on_fit_end(state)
-      evaluate("test"); export model.safetensors; close loggers; release the lock
+      evaluate("test") and predict the unlabelled splits (prediction files: evaluation.py);
+      export model.safetensors; close loggers; release the lock
 """
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ class Trainer:
                  predict_fn: Callable[[nn.Module, Any], Any] | None = None, loss_from_predict: bool = False,
                  callbacks: Iterable[Callback] = (), param_groups: list[dict] | None = None, name: str = "",
                  blocks: Callable[[nn.Module], list] | list | None = None, optimizer: Any = None,
-                 scheduler: Any = None) -> None:
+                 scheduler: Any = None, predict_data: dict[str, Any] | None = None,
+                 prediction_writer: Callable[[str], Any] | None = None) -> None:
         cfg = config if isinstance(config, Config) else Config(
             trainer=config or TrainerConfig(), optim=optim or OptimConfig(), data=data or DataConfig(),
             log=log_config or LogConfig())
@@ -96,7 +98,8 @@ class Trainer:
         self.forward_fn, self.unpack = forward_fn or default_forward, LossUnpacker(loss_fn)
         self.predict_fn, self.loss_from_predict = predict_fn, loss_from_predict  # evaluation.py: why
         self._metric_factory = metrics if callable(metrics) else (lambda m=metrics or []: m)
-        self.datasets = {"train": train_data, "val": val_data, "test": test_data}
+        self.datasets = {"train": train_data, "val": val_data, "test": test_data, **(predict_data or {})}
+        self.predict_splits, self.prediction_writer = list(predict_data or {}), prediction_writer  # evaluation.py
         self.fast_dev_run, self.max_seconds = int(tc.fast_dev_run), parse_duration(tc.max_time)  # (true -> 1)
 
         # --- process group, seeds, the model wrapped for the run (parallel.py) ---------------------
@@ -219,7 +222,8 @@ class Trainer:
                 (log.error if st.halted else log.info)(f"stopped: {st.stop_reason}")
             self._emit("on_fit_end")
             if "test" in self.loaders and self.datasets["test"] is not self.datasets["val"]:
-                last_val = {**last_val, **self.evaluate("test")}
+                last_val = {**last_val, **self.evaluate("test", write=True)}
+            evaluation.predict_unlabelled(self)  # predict_data: the prediction writer only
             if tc.export and not self.fast_dev_run:
                 self.export()
             self.summary = run_summary.finish(self, last_val, time.time() - t_start)  # summary.json, printed
@@ -301,14 +305,16 @@ class Trainer:
         return st.epoch + 1 >= max_epochs or st.should_stop or 0 < self.tc.max_steps <= st.global_step
 
     # ---------------------------------------------------------------------------- evaluation
-    def evaluate(self, split: str = "val") -> dict[str, float]:
-        """Loss and metrics (on predict_fn's outputs if given) over the split, reduced across ranks; all ranks call."""
+    def evaluate(self, split: str = "val", write: bool = False) -> dict[str, float]:
+        """Loss and metrics (on predict_fn's outputs if given) over the split, reduced across ranks; all
+        ranks call. write=True: the prediction writer's files too (the final test, test_only)."""
         loader = self.loaders[split]
         n = limit_batches(len(loader), self.fast_dev_run or self.tc.limit_val_batches)
+        writer = self.prediction_writer(split) if write and self.prediction_writer else None
         with self.ema.applied() if self.ema else contextlib.nullcontext():  # the averaged weights, when on
             result = evaluation.evaluate(self.wrapped, loader, n, self.forward_fn, self.unpack,
                                          list(self._metric_factory()), self.precision, self.device, self.env, split,
-                                         self.predict_fn, self.loss_from_predict)
+                                         self.predict_fn, self.loss_from_predict, writer, self.state.run_dir)
         self._log_row({"step": self.state.global_step, "epoch": self.state.epoch, "split": split,
                        **{k.split("/", 1)[1]: v for k, v in result.items()}})
         return result
@@ -325,7 +331,9 @@ class Trainer:
             rundir.open_test_dir(self, ckpt_path)  # <its run>/test_<time>, ...: rundir.py
             self._start_loggers()
         try:
-            return self.evaluate(split)
+            result = self.evaluate(split, write=True)
+            evaluation.predict_unlabelled(self)  # predict_data: the prediction writer only
+            return result
         finally:
             self.close()
 
