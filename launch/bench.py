@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=2 -m launch.bench --model mlp --device cpu   # the same under DDP (gloo)
     python -m launch.bench --model mlp --device cpu --instructions  # callgrind: instructions per step
     python -m launch.bench --model pdan --device cuda               # PDAN as in PERF_ANCHORS.md
+    python -m launch.bench --model mvfoul --device cuda             # the mvfoul recipe: r2plus1d_18, 2 views, 16x112x112
 
 Every variant trains the same model on the same data with the same batch and precision. Each run
 of a variant is its own process (`python -m launch.bench --child ...`): no variant inherits another's
@@ -138,6 +139,40 @@ def r2plus1d_workload(batch: int, steps: int) -> Workload:
     return Workload(model, TensorDataset(x, y), loss, lambda m, b: m(b[0]))
 
 
+class _FoulClips(Dataset):
+    """Actions of 2 views of uint8 clips [2, 3, 16, 112, 112] with both tasks' labels, as the mvfoul recipe's
+    loader gives them after decoding (the decoder is left out: it runs in DataLoader workers)."""
+
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.clips = torch.randint(0, 256, (n, 2, 3, 16, 112, 112), generator=g, dtype=torch.uint8)
+        self.action, self.offence = torch.randint(0, 8, (n,), generator=g), torch.randint(0, 4, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"clips": self.clips[i], "view_mask": torch.ones(2, dtype=torch.bool), "action": self.action[i],
+                "offence": self.offence[i], "scored_offence": self.offence[i], "index": torch.tensor(i)}
+
+
+def mvfoul_workload(batch: int, steps: int) -> Workload:
+    """The mvfoul recipe's model (R(2+1)D-18 from scratch, max pooling over 2 views, VARS heads), its
+    forward (uint8 -> float, Kinetics normalisation on the device) and its weighted two-task loss."""
+    from recipes.mvfoul import FoulRecognizer, build_mvfoul_model, forward
+    from recipes.mvfoul.losses import MultiTaskLoss, TaskLoss, class_weights_from_counts
+
+    weights = class_weights_from_counts(torch.tensor([40.0, 35.0, 15.0, 10.0]))
+    task = MultiTaskLoss(TaskLoss("weighted", weights), TaskLoss("weighted", class_weights_from_counts(torch.ones(8))))
+
+    def loss(out, b):
+        task.to(b["offence"].device)
+        return task(out, b["offence"], b["action"])
+
+    model = lambda: FoulRecognizer(build_mvfoul_model("r2plus1d_18", "max"))  # noqa: E731
+    return Workload(model, _FoulClips(4 * batch), loss, forward)
+
+
 class _Segmentation(Dataset):
     """512x512 images with 35-class pixel labels (255 = ignore on a border), as the SegFormer recipe reads them."""
 
@@ -163,8 +198,9 @@ def segformer_workload(batch: int, steps: int) -> Workload:
 
 
 WORKLOADS: dict[str, Callable[[int, int], Workload]] = {
-    "mlp": mlp_workload, "pdan": pdan_workload, "r2plus1d": r2plus1d_workload, "segformer": segformer_workload}
-DEFAULT_BATCH = {"mlp": 32, "pdan": 8, "r2plus1d": 8, "segformer": 8}
+    "mlp": mlp_workload, "pdan": pdan_workload, "r2plus1d": r2plus1d_workload, "segformer": segformer_workload,
+    "mvfoul": mvfoul_workload}
+DEFAULT_BATCH = {"mlp": 32, "pdan": 8, "r2plus1d": 8, "segformer": 8, "mvfoul": 8}
 PRECISIONS = ("32-true", "bf16-mixed")  # what every variant (hand-written, trainlib, Lightning) can run
 
 
@@ -887,7 +923,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(WORKLOADS), default="mlp")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=None, help="default: 8 for pdan, r2plus1d, segformer; 32 for mlp")
+    ap.add_argument("--batch", type=int, default=None, help="default: 8 for pdan, r2plus1d, segformer, mvfoul (actions of 2 views); 32 for mlp")
     ap.add_argument("--precision", choices=PRECISIONS, default=None,
                     help="used by every variant; default: bf16-mixed on cuda, 32-true on cpu")
     ap.add_argument("--steps", type=int, default=300, help="steps per variant per round")

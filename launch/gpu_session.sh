@@ -7,13 +7,14 @@
 #   bash launch/gpu_session.sh pdan         # bench table, PDAN (the 6x-over-Lightning target)
 #   bash launch/gpu_session.sh r2plus1d     # bench table, R(2+1)D-18 (the 1.3x target)
 #   bash launch/gpu_session.sh segformer    # bench table, SegFormer-b0
+#   bash launch/gpu_session.sh mvfoul       # bench table, the mvfoul recipe (R(2+1)D-18, 2 views, 16x112x112)
 #
 # Output goes to stdout and to ${OUT:-gpu_out}/<part>.txt; paste the tables into docs/benchmarks.md
 # with the date and the GPU name the header line prints.
 set -euo pipefail
-part="${1:?usage: bash launch/gpu_session.sh tests|pdan|r2plus1d|segformer}"
-case "$part" in tests|pdan|r2plus1d|segformer) ;; *)
-  echo "unknown part '$part': expected tests, pdan, r2plus1d or segformer" >&2; exit 2 ;; esac
+part="${1:?usage: bash launch/gpu_session.sh tests|pdan|r2plus1d|segformer|mvfoul}"
+case "$part" in tests|pdan|r2plus1d|segformer|mvfoul) ;; *)
+  echo "unknown part '$part': expected tests, pdan, r2plus1d, segformer or mvfoul" >&2; exit 2 ;; esac
 out="${OUT:-gpu_out}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -24,4 +25,5 @@ case "$part" in
   pdan)      python -m launch.bench --model pdan --device cuda --steps 200 --warmup 60 --repeats 3 2>&1 | tee -a "$out/$part.txt" ;;
   r2plus1d)  python -m launch.bench --model r2plus1d --device cuda --steps 100 --warmup 40 --repeats 3 2>&1 | tee -a "$out/$part.txt" ;;
   segformer) python -m launch.bench --model segformer --device cuda --steps 100 --warmup 40 --repeats 3 2>&1 | tee -a "$out/$part.txt" ;;
+  mvfoul)    python -m launch.bench --model mvfoul --device cuda --steps 100 --warmup 40 --repeats 3 2>&1 | tee -a "$out/$part.txt" ;;
 esac

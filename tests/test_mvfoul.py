@@ -46,6 +46,11 @@ def test_learns_synthetic_clips_and_predictions_score_as_reported(small_root, tm
     official = evaluate(str(small_root / "Test" / "annotations.json"), str(run / "predictions_test.json"))
     for key, value in official.items():
         assert test[f"test/{key}"] == pytest.approx(value, abs=1e-6), key
+    # test_only on the last checkpoint (the final weights) writes the same predictions file, in <run>/test_<time>/
+    assert main(recipe, [f"data.root={small_root}", "model.backbone_name=tiny3d", "preset=demo", "log.progress=off",
+                         "trainer.test_only=true", f"trainer.ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]) == 0
+    (again,) = run.glob("test_*/predictions_test.json")
+    assert json.loads(again.read_text()) == json.loads((run / "predictions_test.json").read_text())
 
 
 def test_seed_flags_map_onto_the_config(tmp_path):
@@ -142,3 +147,61 @@ def test_weights_for_another_backbone_are_named(tmp_path, capsys):
                        "trainer.fast_dev_run=true", "data.img_height=32", "data.img_width=32"])
     err = capsys.readouterr().err
     assert rc == 2 and f"model.weights={path} holds r3d_18 weights" in err, err
+
+
+def foreign_clip(path: Path, codec: str, frames: int, seed: int) -> None:
+    """A clip as another tool writes it: 398x224 (the dataset's default 16:9 size), `codec` (MPEG-4
+    Part 2, or H.264 with its default B-frames), a moving gradient rather than our synthetic discs."""
+    import av
+    import numpy as np
+    from fractions import Fraction
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:224, 0:398]
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.height, stream.width, stream.pix_fmt = 224, 398, "yuv420p"
+        for k in range(frames):
+            rgb = np.stack([(x + 3 * k + seed) % 256, (y + k) % 256, np.full_like(x, 40 * seed % 256)], -1)
+            frame = av.VideoFrame.from_ndarray(rgb.astype(np.uint8), format="rgb24")
+            frame.pts, frame.time_base = k, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def test_reads_a_layout_it_did_not_write(tmp_path):
+    """SoccerNet's layout and annotation fields as the real download has them (Windows UrlLocal, every
+    label field, replay speeds), clips from other encoders and longer than 125 frames, a Chall folder
+    with no annotations.json: it trains, tests and predicts every action."""
+    root = tmp_path / "mvfouls"
+    labels = [("Tackling", "Offence", "1.0"), ("Standing tackling", "Offence", "3.0"), ("High leg", "Offence", "5.0"),
+              ("Holding", "No offence", ""), ("Pushing", "No Offence", ""), ("Elbowing", "Offence", "1.0"),
+              ("Challenge", "Offence", "3.0"), ("Dive", "", ""), ("Dont know", "Offence", "1.0")]
+    for folder, n in (("Train", 4), ("Valid", 3), ("Test", 9), ("Chall", 3)):
+        actions = {}
+        for i in range(n):
+            action, offence, severity = labels[i % len(labels)]
+            views = {1: 4, 2: 3}.get(i, 2)
+            for j in range(views):
+                foreign_clip(root / folder / f"action_{i}" / f"clip_{j}.mp4", ("mpeg4", "libx264")[j % 2], 127, i + j)
+            actions[str(i)] = {
+                "UrlLocal": "england_epl\\2014-2015\\2015-02-21 - 18-00 Crystal Palace 1 - 2 Arsenal",
+                "Offence": offence, "Contact": "With contact", "Bodypart": "Under body", "Upper body part": "",
+                "Action class": action, "Severity": severity, "Multiple fouls": "No", "Try to play": "Yes",
+                "Touch ball": "No", "Handball": "No handball", "Handball offence": "",
+                "Clips": [{"Url": f"Dataset/{folder}/action_{i}/clip_{j}", "Camera type": "Main camera center",
+                           "Timestamp": 224572 + j, "Replay speed": 1.0 + 0.8 * j} for j in range(views)]}
+        if folder != "Chall":
+            (root / folder / "annotations.json").write_text(json.dumps(
+                {"Set": folder.lower(), "Number of actions": n, "Actions": actions}, indent=4))
+    rc = main(recipe, [f"data.root={root}", f"trainer.out_dir={tmp_path}", "trainer.run_name=foreign",
+                       "trainer.max_epochs=1", "data.batch_size=4", "data.num_workers=1",
+                       f"data.cache_dir={tmp_path / 'cache'}", *FAST])
+    assert rc == 0
+    run = tmp_path / "foreign"
+    test = summary(run)["test"]
+    assert 0 <= test["test/leaderboard_value"] <= 100
+    predicted = json.loads((run / "predictions_test.json").read_text())["Actions"]
+    assert sorted(predicted, key=int) == [str(i) for i in range(8)]   # "Dont know" dropped, as the evaluator does
+    assert sorted(json.loads((run / "predictions_challenge.json").read_text())["Actions"]) == ["0", "1", "2"]
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) > 0

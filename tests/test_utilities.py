@@ -162,8 +162,8 @@ SEED_FLAGS = {"--auto_lr_find": "tune.auto_lr_find", "--auto_scale_batch_size": 
               "--gradient_clip_norm 1.0": "trainer.grad_clip"}
 
 
-@pytest.mark.parametrize("recipe_name", ["pdan", "segformer"])
-def test_the_seed_flag_names_set_their_keys_on_both_recipes(recipe_name):
+@pytest.mark.parametrize("recipe_name", ["pdan", "segformer", "mvfoul"])
+def test_the_seed_flag_names_set_their_keys_on_every_recipe(recipe_name):
     from trainlib.config import leaves
     from trainlib.recipe import build_config, find_recipe
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset
 
+from trainlib import dist
 from trainlib.config import ConfigError, DataConfig, opt
 
 from .annotations import ACTION_CLASSES, OFFENCE_SEVERITY_CLASSES, SPLIT_FOLDERS, Action, read_split
@@ -56,8 +57,13 @@ def check_window(data: MVFoulData) -> None:
 
 
 @functools.lru_cache(maxsize=8)
+def _read(root: str, split: str) -> tuple[tuple[Action, ...], int]:
+    kept, dropped = read_split(root, split)
+    return tuple(kept), dropped
+
+
 def _split(root: str, split: str) -> tuple[Action, ...]:
-    return tuple(read_split(root, split)[0])
+    return _read(root, split)[0]
 
 
 def class_counts(root: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,4 +135,8 @@ def build_datasets(cfg: Any) -> dict[str, Any]:
         out[split] = MVFoulClips(root, split, data, train=False)
     if (Path(root) / SPLIT_FOLDERS["challenge"]).is_dir():  # a separate download: predicted when present
         out["challenge"] = MVFoulClips(root, "challenge", data, train=False)
+    if dist.rank() == 0:
+        print("[mvfoul] actions kept by the official filter: " + ", ".join(
+            f"{SPLIT_FOLDERS[s]} {len(ds)}" + (f" ({_read(root, s)[1]} dropped)" if _read(root, s)[1] else "")
+            for s, ds in out.items()) + f"; {len(out['train'].indices)} frames per clip", flush=True)
     return out

@@ -23,10 +23,10 @@ import json
 import os
 from fractions import Fraction
 
-import av
 import numpy as np
 
 from .annotations import ACTION_CLASSES, SPLIT_FOLDERS
+from .video import require_av
 
 # 335 actions (with the 15 dropped ones), ~1000 clips, ~50 MB: written in ~27 s on 2 CPU cores
 DEMO = {"train": 160, "valid": 64, "test": 64, "chall": 32, "frames": 125, "height": 64, "width": 64}
@@ -141,6 +141,7 @@ def yuv420(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def write_mp4(path: str, video: np.ndarray) -> None:
     """H.264 yuv420p at 25 fps, as the SoccerNet-MVFoul clips, from render_clip's frames."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    av = require_av()
     with av.open(path, mode="w") as container:
         stream = container.add_stream("libx264", rate=SOURCE_FPS, options={"preset": "ultrafast", "crf": "28"})
         stream.height, stream.width = video.shape[1] * 2 // 3, video.shape[2]

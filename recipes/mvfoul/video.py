@@ -22,12 +22,20 @@ import os
 import uuid
 from collections.abc import Sequence
 
-import av
 import numpy as np
 import torch
-from av.video.reformatter import VideoReformatter
 
-from trainlib.config import DataError
+from trainlib.config import ConfigError, DataError
+
+
+def require_av():
+    """PyAV, imported when a clip is first read or written: the recipe's optional extra."""
+    try:
+        import av
+    except ImportError:
+        raise ConfigError("recipes.mvfoul reads and writes H.264 clips with PyAV, which is not installed: "
+                          "pip install -e '.[video]' (or pip install av)") from None
+    return av
 
 SOURCE_FPS = 25      # SoccerNet-MVFoul clips (VARS's dataset.py hard-codes 25)
 CACHE_VERSION = 1    # bump when read_clip's output changes, so old cache files are not reused
@@ -67,6 +75,9 @@ def read_clip(path: str | os.PathLike, indices: Sequence[int], size: tuple[int, 
     wanted, last = set(indices), max(indices)
     frames: dict[int, np.ndarray] = {}
     decoded = 0
+    av = require_av()
+    from av.video.reformatter import VideoReformatter
+
     try:
         with av.open(path, mode="r") as container:
             if not container.streams.video:
@@ -95,7 +106,7 @@ def cache_file(cache_dir: str, path: str | os.PathLike, indices: Sequence[int], 
     does the resizing)."""
     path = os.path.abspath(os.fspath(path))
     stat = os.stat(path)
-    key = json.dumps([CACHE_VERSION, av.__version__, path, stat.st_size, stat.st_mtime_ns,
+    key = json.dumps([CACHE_VERSION, require_av().__version__, path, stat.st_size, stat.st_mtime_ns,
                       [int(i) for i in indices], [int(n) for n in size]])
     return os.path.join(cache_dir, hashlib.sha256(key.encode()).hexdigest() + ".npy")
 
