@@ -202,6 +202,20 @@ def _no_collate(batch: Any) -> Any:
     return batch
 
 
+def image_file_size(path: str, what: str) -> tuple[int, int]:
+    """(width, height) of a user's image file from its header (no decoding), or one clear DataError
+    naming `what` (image, mask, label) and the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .config import DataError
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{what} {path} cannot be read ({e})") from None
+
+
 def load_json(path: str, what: str, error: type[Exception] | None = None) -> Any:
     """A user's JSON file (annotations, metadata, model config), or one clear error naming it."""
     import json

@@ -41,7 +41,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from trainlib.data import load_json
+from trainlib.data import image_file_size, load_json
 from trainlib.config import ConfigError, DataConfig, DataError, opt, rule
 
 IGNORE_INDEX = 255
@@ -132,14 +132,6 @@ def read_mask(path: str) -> np.ndarray:
     return arr
 
 
-def _size(path: str, what: str) -> tuple[int, int]:
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{what} {path} cannot be read ({e})") from None
-
-
 def _listing(items: list[str]) -> str:
     more = f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
     return "; ".join(items[:_MAX_LISTED]) + more
@@ -153,7 +145,7 @@ def check_pairs(pairs: list[tuple[str, str]], num_labels: int, reduce_labels: bo
         raise DataError(f"{len(missing)} file(s) listed in {where} do not exist: {_listing(missing)}")
     ok = allowed_values(num_labels, reduce_labels)
     for image, mask in pairs:
-        isize, msize = _size(image, "image"), _size(mask, "mask")
+        isize, msize = image_file_size(image, "image"), image_file_size(mask, "mask")
         if isize != msize:
             raise DataError(f"image {image} is {isize[0]}x{isize[1]} but its mask {mask} is {msize[0]}x{msize[1]} "
                             f"(width x height): they must be the same size")

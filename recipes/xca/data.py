@@ -36,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import default_collate
 
 from trainlib.config import ConfigError, DataConfig, DataError, opt, rule
+from trainlib.data import image_file_size
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -83,14 +84,6 @@ def read_gray(path: str, what: str) -> np.ndarray:
     return arr[..., 0] if arr.ndim == 3 else arr
 
 
-def _size(path: str, what: str) -> tuple[int, int]:
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{what} {path} cannot be read ({e})") from None
-
-
 def check_label(path: str, arr: np.ndarray) -> None:
     """0 and one foreground value (or a single value): anything else is not a vessel mask."""
     values = np.unique(arr)
@@ -121,7 +114,7 @@ def read_pairs(split_dir: str, check_labels: bool = True) -> list[tuple[str, str
                             f"{dirs[partner]}: {_listing(alone)}")
     pairs = [(os.path.join(dirs["image"], f), os.path.join(dirs["label"], f)) for f in names["image"]]
     for image, label in pairs:
-        isize, lsize = _size(image, "image"), _size(label, "label")
+        isize, lsize = image_file_size(image, "image"), image_file_size(label, "label")
         if isize != lsize:
             raise DataError(f"image {image} is {isize[0]}x{isize[1]} but its label {label} is {lsize[0]}x{lsize[1]} "
                             f"(width x height): they must be the same size")
@@ -232,7 +225,7 @@ class VesselDataset(torch.utils.data.Dataset):
         self.augmentation = bool(augmentation) and self.train
         self.data = data or XCAData()  # pos_fraction and the augmentation's probabilities and ranges
         self.names = [os.path.basename(image) for image, _ in self.pairs]
-        self.sizes = [_size(image, "image")[::-1] for image, _ in self.pairs]  # (H, W)
+        self.sizes = [image_file_size(image, "image")[::-1] for image, _ in self.pairs]  # (H, W)
         self.random_fetch = self.train
         if self.train:
             small = [f"{name} ({h}x{w})" for name, (h, w) in zip(self.names, self.sizes) if min(h, w) < self.image_size]
