@@ -98,7 +98,10 @@ def predict_unlabelled(t: Any) -> None:
     w = t.wrapped
     for split in t.predict_splits:
         writer, loader = t.prediction_writer(split), t.loaders[split]
-        n = limit_batches(len(loader), t.fast_dev_run or t.tc.limit_val_batches)
+        n = limit_batches(len(loader), t.fast_dev_run or 1.0)  # a predictions file is whole: not limit_val_batches
+        if t.env.distributed:  # rank 0's BatchNorm statistics, as evaluate() uses (and the exported model holds)
+            for b in w.model.buffers():
+                torch_dist.broadcast(b, 0)
         was_training = w.model.training
         w.model.eval()
         with t.ema.applied() if t.ema else contextlib.nullcontext():  # the averaged weights, when on

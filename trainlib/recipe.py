@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -365,16 +366,20 @@ def launcher_hint(launcher: dict[str, Any], pairs: list[tuple[str, Any]], module
     nodes = str(launcher.get("num_nodes", "1"))
     per_node = str(launcher.get("devices_per_node") or launcher.get("nproc_per_node") or launcher.get("devices")
                    or launcher.get("gpus") or "N")
+    prefix = ""
     if per_node == "-1":
         per_node = "gpu"  # torchrun's own "one process per GPU"
-    rest = " ".join(f"--{k} {v}" for k, v in pairs if k not in LAUNCHER_FLAGS)
+    elif "," in per_node:  # --gpus 0,1: those devices, one process each
+        prefix = f"CUDA_VISIBLE_DEVICES={per_node} "
+        per_node = str(len([g for g in per_node.split(",") if g.strip()]))
+    rest = " ".join(f"--{k} {shlex.quote(str(v))}" for k, v in pairs if k not in LAUNCHER_FLAGS)
     flags = ", ".join(f"--{k}" for k in launcher)
     if nodes != "1":
-        cmd = (f"torchrun --nnodes={nodes} --nproc_per_node={per_node} --node_rank=<0..{int(nodes) - 1 if nodes.isdigit() else 'N-1'}> "
+        cmd = (f"{prefix}torchrun --nnodes={nodes} --nproc_per_node={per_node} --node_rank=<0..{int(nodes) - 1 if nodes.isdigit() else 'N-1'}> "
                f"--rdzv_backend=c10d --rdzv_endpoint=<node 0 host>:29500 -m {module} {rest}".rstrip())
         where = "on every node (the same command; node_rank 0 on the host named in rdzv_endpoint)"
     else:
-        cmd, where = f"torchrun --nproc_per_node={per_node} -m {module} {rest}".rstrip(), ""
+        cmd, where = f"{prefix}torchrun --nproc_per_node={per_node} -m {module} {rest}".rstrip(), ""
     verb = "picks" if len(launcher) == 1 else "pick"
     return (f"{flags} {verb} the number of processes, which the launcher owns, not the training script; run"
             + (f" {where}" if where else "") + f":\n    {cmd}\n(or launch/train_ddp.sh -g/-d; "

@@ -127,6 +127,8 @@ recipe = Recipe(
     callbacks=callbacks,
     blocks=blocks,
     prediction_writer=prediction_writer,
+    # load_model rebuilds the network only: no pretrained file to read, no Train counts for augmentation
+    inference_overrides={"model.weights": "", "data.severity_aware_augmentation": False},
     defaults={"optim.name": "adamw", "optim.lr": 1e-4, "optim.weight_decay": 1e-3, "optim.scheduler": "step",
               "optim.step_size": 3,
               "trainer.max_epochs": 60, "trainer.monitor": "val/leaderboard_value", "trainer.mode": "max"},

@@ -1,4 +1,4 @@
-"""`python -m recipes.pdan` / `torchrun --nproc_per_node=N -m recipes.pdan`."""
+"""`python -m recipes.mvfoul` / `torchrun --nproc_per_node=N -m recipes.mvfoul`."""
 from trainlib.recipe import exit_process, main
 
 from . import recipe

@@ -60,19 +60,31 @@ def severity_scale(offence_labels: torch.Tensor, class_counts: torch.Tensor, cap
     return (counts.max() / counts[offence_labels].clamp_min(1.0)).sqrt().clamp(max=cap)
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def constant(values: tuple, like: torch.Tensor) -> torch.Tensor:
+    """`values` as a tensor on like's device and dtype, made once: building it each step from a Python
+    list is a blocking host-to-device copy on CUDA (a sync in the hot loop) and breaks graph capture."""
+    key = (values, like.device, like.dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return _CONSTANTS[key]
+
+
 def normalize(x: torch.Tensor, backbone: str = "r2plus1d_18") -> torch.Tensor:
     """(x - mean) / std per channel of [N, 3, T, H, W]: Kinetics statistics as torchvision's video
     weights (r3d_18, mc3_18, r2plus1d_18, s3d), MViT's own for mvit_v2_s."""
     mean, std = (MVIT_MEAN, MVIT_STD) if backbone == "mvit_v2_s" else (KINETICS_MEAN, KINETICS_STD)
     shape = (1, 3, 1, 1, 1)
-    return (x - x.new_tensor(mean).view(shape)) / x.new_tensor(std).view(shape)
+    return (x - constant(mean, x).view(shape)) / constant(std, x).view(shape)
 
 
 def _perspective_sampling(corner_moves: torch.Tensor) -> torch.Tensor:
     """Homographies [N, 3, 3] (normalised coords) sending each output corner, moved inward by
     corner_moves [N, 4, 2] (fractions of the half side), back to the input corner: the image
     shrinks into a random quadrilateral, as torchvision's RandomPerspective."""
-    corners = corner_moves.new_tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]]).expand_as(corner_moves)
+    corners = constant(((-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0)), corner_moves).expand_as(corner_moves)
     moved = corners - corners.sign() * corner_moves
     x, y = moved.unbind(-1)
     u, v = corners.unbind(-1)
@@ -124,7 +136,7 @@ def _jitter(x: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, cfg: AugmentS
     """Brightness, contrast (toward the clip's mean grey), saturation (toward each pixel's grey)."""
     amount = (cfg.jitter * scale).clamp(max=MAX_JITTER)
     bright, contrast, saturation = ((1 + (2 * u[:, i] - 1) * amount).view(-1, 1, 1, 1, 1) for i in range(3))
-    grey_weights = x.new_tensor(GREY).view(1, 3, 1, 1, 1)
+    grey_weights = constant(GREY, x).view(1, 3, 1, 1, 1)
     x = (x * bright).clamp(0, 1)
     mean_grey = (x * grey_weights).sum(dim=1, keepdim=True).mean(dim=(2, 3, 4), keepdim=True)
     x = (contrast * x + (1 - contrast) * mean_grey).clamp(0, 1)

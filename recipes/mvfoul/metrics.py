@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from trainlib import dist
+from trainlib.config import DataError
 from trainlib.metrics import Metric
 
 from .annotations import ACTION_CLASSES, OFFENCE_SEVERITY_CLASSES, PREDICTED_STRINGS, SPLIT_FOLDERS, Action
@@ -114,6 +115,16 @@ class Predictions:
     def write(self, run_dir: Path, split: str) -> None:
         local = torch.cat(self.rows).cpu().tolist() if self.rows else []  # (host sync: once, at the end)
         rows = [row for part in dist.all_gather_object(local) for row in part]
+        error, path = "", Path(run_dir) / f"predictions_{split}.json"
         if dist.rank() == 0:
             predicted = {self.actions[i].key: (a, o) for i, a, o in rows}
-            write_predictions(Path(run_dir) / f"predictions_{split}.json", split, predicted)
+            try:
+                write_predictions(path, split, predicted)
+            except OSError as e:
+                error = f"cannot write {path}: {e.strerror or e}"
+            if len(predicted) < len(self.actions):
+                print(f"[mvfoul] {path.name} holds {len(predicted)} of the {len(self.actions)} actions "
+                      "(a limited run: trainer.fast_dev_run or trainer.limit_val_batches)", flush=True)
+        error = dist.broadcast_object(error)  # every rank stops with the same message, none waits
+        if error:
+            raise DataError(error)

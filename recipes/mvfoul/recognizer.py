@@ -32,5 +32,5 @@ class FoulRecognizer(nn.Module):
             if self.offence_counts is not None and offence is not None:
                 scale = severity_scale(offence, self.offence_counts).repeat_interleave(views)
             x = augment_clips(x, self.augment, None, scale)
-        x = normalize(x, self.net.backbone_name)
+        x = normalize(x, self.net.backbone_name).to(self.net.fc_action[1].weight.dtype)  # bf16-true: the weights' dtype
         return self.net(x.unflatten(0, (batch, views)), view_mask)
