@@ -53,7 +53,8 @@ Options:
                         Default: all visible GPUs (see -d).
   -d, --devices N       processes per node; -1 = one per visible GPU (CUDA_VISIBLE_DEVICES when
                         set, else \`nvidia-smi -L\`), 1 when there is no GPU. With -g it must be
-                        -1 or the number of ids. Default: -1.
+                        -1 or the number of ids. Default: the config's trainer.devices (the
+                        Lightning-style key), else -1.
   -s, --strategy S      ddp | none | fsdp, passed on as trainer.strategy=S. Also accepted:
                           ddp_find_unused_parameters_true -> trainer.strategy=ddp
                                                              trainer.find_unused_parameters=true
@@ -141,6 +142,24 @@ recipe_from_yaml() {
     done <"$1"
 }
 
+# `devices:` of the top-level `trainer:` section of a YAML file ("" when absent). Plain text scan:
+# the section starts at column 0, its keys are indented; a trailing `# comment` is removed.
+devices_from_yaml() {
+    local line in_trainer=0 value re='^[[:space:]]+devices:[[:space:]]*(.*)$'
+    while IFS= read -r line || [[ -n "${line}" ]]; do
+        line=${line%$'\r'}
+        if [[ "${line}" =~ ^[^[:space:]#] ]]; then
+            [[ "${line}" =~ ^trainer:[[:space:]]*(#.*)?$ ]] && in_trainer=1 || in_trainer=0
+        elif ((in_trainer)) && [[ "${line}" =~ ${re} ]]; then
+            value=${BASH_REMATCH[1]}
+            value=${value%%[[:space:]]#*}
+            value=${value%"${value##*[![:space:]]}"}
+            printf '%s' "${value}"
+            return 0
+        fi
+    done <"$1"
+}
+
 # Number of GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else `nvidia-smi -L`.
 count_visible_gpus() {
     if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
@@ -188,7 +207,7 @@ check_gpu_ids() {
 
 # ---------------------------------------------------------------------------------------------
 # Parse arguments.
-config="" recipe="" gpus="" devices="-1" strategy="" precision=""
+config="" recipe="" gpus="" devices="" strategy="" precision=""
 background=0 dry_run=0
 nnodes="" node_rank="" rdzv_endpoint="" rdzv_id="" rdzv_backend="" max_restarts=""
 overrides=()
@@ -288,6 +307,15 @@ if [[ -d "${recipes_dir}" && ! -d "${recipes_dir}/${recipe}" ]]; then
 fi
 
 # Processes per node.
+if [[ -z "${devices}" && -z "${gpus}" && -n "${config}" ]]; then
+    devices=$(devices_from_yaml "${config}")
+    if [[ -n "${devices}" ]]; then
+        [[ "${devices}" =~ ^(-1|[1-9][0-9]*)$ ]] ||
+            die "${config}: trainer.devices must be -1 or a positive integer, got '${devices}'"
+        note "processes per node: ${devices} (trainer.devices in ${config}; -d overrides)"
+    fi
+fi
+devices=${devices:--1}
 [[ "${devices}" =~ ^(-1|[1-9][0-9]*)$ ]] || die "-d/--devices must be -1 or a positive integer, got '${devices}'"
 gpu_list=""
 if [[ -n "${gpus}" ]]; then

@@ -327,6 +327,11 @@ class TensorBoardLogger(Logger):
             if k not in ("step", "epoch", "split") and isinstance(v, (int, float)):
                 self.writer.add_scalar(k if "/" in k else f"{row['split']}/{k}", v, row["step"])
 
+    def log_images(self, images: dict, step: int) -> None:
+        """uint8 [H, W] or [H, W, 3] arrays by tag (images.py)."""
+        for tag, img in images.items():
+            self.writer.add_image(tag, img, step, dataformats="HW" if img.ndim == 2 else "HWC")
+
     def close(self) -> None:
         self.writer.close()
 
@@ -348,6 +353,11 @@ class WandbLogger(Logger):
     def log(self, row: dict) -> None:
         data = {(k if "/" in k else f"{row['split']}/{k}"): v for k, v in row.items() if k not in ("step", "split")}
         self.run.log(data, step=row["step"])
+
+    def log_images(self, images: dict, step: int) -> None:
+        import wandb
+
+        self.run.log({tag: wandb.Image(img) for tag, img in images.items()}, step=step)
 
     def close(self) -> None:
         self.run.finish()

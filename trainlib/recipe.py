@@ -68,6 +68,10 @@ class Recipe:
     #                                        train/val/test (no labels, e.g. a challenge set) are predicted into it
     inference_overrides: dict[str, Any] = field(default_factory=dict)  # keys load_model sets before build_model,
     #                                        e.g. {"model.pretrained": ""}: the saved weights replace start-from weights
+    image_logger: Optional[Callable[[Any], Any]] = None      # (cfg) -> images.ImageCollector | None: images
+    #                                        logged at every validation (PNG files, TensorBoard, wandb)
+    config_file: Optional[Callable[[dict, str], dict]] = None  # (a config file's mapping, its path) -> the mapping
+    #                                        in trainlib's sections: reads the seed project's own config-file shape
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,6 +263,8 @@ def make_config(recipe: Recipe, file_data: dict, source: str, pairs: list[tuple[
     search calls it too, with the file's `hpo:` section taken out."""
     aliases = {**ENGINE_ALIASES, **recipe.aliases}
     ref = recipe_ref(recipe)
+    if recipe.config_file is not None and file_data:
+        file_data = recipe.config_file(file_data, source)
     launcher = {k: v for k, v in pairs if k in LAUNCHER_FLAGS}
     if launcher:
         raise ConfigError(launcher_hint(launcher, pairs, _module_of(ref)))
@@ -370,6 +376,7 @@ def build_trainer(recipe: Recipe, cfg: Config, demo: bool = False, *, callbacks:
         datasets.get("train") if not cfg.trainer.test_only else None, datasets.get("val"), datasets.get("test"),
         predict_data={k: v for k, v in datasets.items() if k not in ("train", "val", "test") and v is not None},
         prediction_writer=(lambda split: recipe.prediction_writer(cfg, split)) if recipe.prediction_writer else None,
+        image_logger=(lambda: recipe.image_logger(cfg)) if recipe.image_logger else None,
         config=cfg, metrics=lambda: recipe.metrics(cfg), forward_fn=recipe.forward, predict_fn=recipe.predict,
         loss_from_predict=recipe.loss_from_predict, collate_fn=recipe.collate(cfg) if recipe.collate else None,
         callbacks=[*(recipe.callbacks(cfg) if recipe.callbacks else ()), *callbacks],

@@ -30,7 +30,7 @@ modules: wrapping the model (parallel.py), one optimizer step (step.py), the log
               on_train_step_end(state)                  # ModelCheckpoint: every n steps
           if halted (non-finite): keep the last good checkpoint; leave the loop
           if validation epoch:
-              metrics = evaluate("val")                   # reduced across ranks
+              metrics = evaluate("val")                   # reduced across ranks; images.py's images
               on_validation_end(state, metrics)           # freezing on a plateau, best/top-k, early stopping
           on_train_epoch_end(state)                       # last.ckpt, history.json
           if state.should_stop: break                     # decided from reduced values
@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from . import dist, evaluation, flops, freezing, parallel, rundir, run_summary, training_state, tuning
+from . import dist, evaluation, flops, freezing, images, parallel, rundir, run_summary, training_state, tuning
 from .callbacks import Callback, default_callbacks
 from .config import (Config, ConfigError, DataConfig, LogConfig, OptimConfig, TrainerConfig, dump_yaml, parse_duration,
                      to_dict, validate)
@@ -88,7 +88,8 @@ class Trainer:
                  callbacks: Iterable[Callback] = (), param_groups: list[dict] | None = None, name: str = "",
                  blocks: Callable[[nn.Module], list] | list | None = None, optimizer: Any = None,
                  scheduler: Any = None, predict_data: dict[str, Any] | None = None,
-                 prediction_writer: Callable[[str], Any] | None = None) -> None:
+                 prediction_writer: Callable[[str], Any] | None = None,
+                 image_logger: Callable[[], Any] | None = None) -> None:
         cfg = config if isinstance(config, Config) else Config(
             trainer=config or TrainerConfig(), optim=optim or OptimConfig(), data=data or DataConfig(),
             log=log_config or LogConfig())
@@ -100,6 +101,7 @@ class Trainer:
         self._metric_factory = metrics if callable(metrics) else (lambda m=metrics or []: m)
         self.datasets = {"train": train_data, "val": val_data, "test": test_data, **(predict_data or {})}
         self.predict_splits, self.prediction_writer = list(predict_data or {}), prediction_writer  # evaluation.py
+        self.image_logger = image_logger  # () -> images.ImageCollector | None: validation images (images.py)
         self.fast_dev_run, self.max_seconds = int(tc.fast_dev_run), parse_duration(tc.max_time)  # (true -> 1)
 
         # --- process group, seeds, the model wrapped for the run (parallel.py) ---------------------
@@ -311,6 +313,8 @@ class Trainer:
         loader = self.loaders[split]
         n = limit_batches(len(loader), self.fast_dev_run or self.tc.limit_val_batches)
         writer = self.prediction_writer(split) if write and self.prediction_writer else None
+        collector = self.image_logger() if self.image_logger and not write else None
+        writer = images.ImagesToLog(collector, self.loggers, self.state.global_step) if collector else writer
         with self.ema.applied() if self.ema else contextlib.nullcontext():  # the averaged weights, when on
             result = evaluation.evaluate(self.wrapped, loader, n, self.forward_fn, self.unpack,
                                          list(self._metric_factory()), self.precision, self.device, self.env, split,
@@ -339,8 +343,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, path: str | os.PathLike, epoch_done: bool | None = None) -> bool:
-        """Every rank calls this; rank 0 writes atomically. False (on every rank) when it declined:
-        non-finite weights are never written (training_state.save)."""
+        """Every rank calls; rank 0 writes atomically. False on every rank when non-finite (training_state.save)."""
         return training_state.save(self, path, self.state.epoch_done if epoch_done is None else epoch_done)
 
     def load_checkpoint(self, path: str | os.PathLike, weights_only: bool = False) -> None:
@@ -353,12 +356,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ run directory, loggers
     def _note(self, text: str) -> None:
-        """An info line for train.log: logged now, or once the run directory's log exists."""
+        """An info line for train.log: now, or once the run directory's log exists."""
         self.setup_notes.append(text)
 
     def _start_loggers(self) -> None:
-        """After a resume has cut metrics.jsonl back to the checkpoint's rows. Only started loggers are
-        kept, so close() after a failed start (a logger not installed) closes what is open."""
+        """After a resume cut metrics.jsonl back; only started loggers are kept (close() closes those)."""
         for lg in build_loggers(self.cfg.log, self.state.run_dir.name) if self.is_main else []:
             lg.start(self.state.run_dir, to_dict(self.cfg))
             self.loggers.append(lg)

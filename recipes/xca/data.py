@@ -46,6 +46,7 @@ _ordered = rule("two values [low, high] with low <= high", lambda v: len(v) == 2
 
 @dataclass
 class XCAData(DataConfig):
+    name: str = opt("xca", "dataset name, kept in the run's config (the seed's data.name: xca, octa500_3m, rossa, ...)")
     batch_size: int = opt(6, "training batch size per process (the seed's flow.yaml: train_bs 6)", ge=1)
     val_batch_size: int = opt(1, "validation/test batch size (whole images: >1 needs equal sizes; the seed: 1)", ge=0)
     image_size: int = opt(320, "side of the square training crop (the seed: 320 of 512x512 images)", ge=8, le=8192)

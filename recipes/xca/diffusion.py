@@ -81,7 +81,7 @@ class GaussianDiffusion(nn.Module):
         Returns the total and its parts ("dice" is the Dice *loss*, 1 - Dice)."""
         x0 = mask * 2 - 1
         t_index = torch.randint(0, self.timesteps, (mask.shape[0],), device=mask.device)
-        x0_hat = self.denoise(net, self.q_sample(x0, t_index, torch.randn_like(x0)), t_index, image)
+        x0_hat = self.denoise(net, self.q_sample(x0, t_index, torch.randn_like(x0)), t_index, image).float()
         mse = F.mse_loss(x0_hat, x0)
         prob = x0_to_probability(x0_hat)
         bce = F.binary_cross_entropy(prob, mask)

@@ -181,7 +181,9 @@ class VesselMetrics(Metric):
     def _add(self, name: str, values: torch.Tensor) -> None:
         setattr(self, name, getattr(self, name).to(values.device) + values.double().sum())
 
-    def update(self, outputs: torch.Tensor, batch: Any) -> None:
+    def update(self, outputs: torch.Tensor | dict, batch: Any) -> None:
+        if isinstance(outputs, dict):  # the recipe's predict: {"prob": ..., "trajectory": ...}
+            outputs = outputs["prob"]
         pred = (outputs.detach() > self.threshold).flatten(0, 1)  # [B, H, W]
         gt = (batch["label"] > 0.5).flatten(0, 1)
         tp = (pred & gt).sum((1, 2)).double()
