@@ -70,7 +70,8 @@ class ImagesToLog:
         folder = Path(run_dir) / "images" / split / f"step_{self.step}"
         folder.mkdir(parents=True, exist_ok=True)
         for tag, img in sorted(merged.items()):
-            Image.fromarray(img).save(folder / f"{_file_name(tag)}.png")
+            name = _file_name(tag)
+            Image.fromarray(img).save(folder / (name if name.lower().endswith(".png") else f"{name}.png"))
         for lg in self.loggers:
             if hasattr(lg, "log_images"):
                 lg.log_images({f"{split}_images/{tag}": img for tag, img in merged.items()}, self.step)
