@@ -5,6 +5,7 @@
     python -m launch.bench --model mlp --device cpu --instructions  # callgrind: instructions per step
     python -m launch.bench --model pdan --device cuda               # PDAN as in PERF_ANCHORS.md
     python -m launch.bench --model mvfoul --device cuda             # the mvfoul recipe: r2plus1d_18, 2 views, 16x112x112
+    python -m launch.bench --model xca_flow --device cuda           # the xca flow UNet, 6 crops of 320x320 (xca_csnet: CS-Net)
 
 Every variant trains the same model on the same data with the same batch and precision. Each run
 of a variant is its own process (`python -m launch.bench --child ...`): no variant inherits another's
@@ -197,10 +198,44 @@ def segformer_workload(batch: int, steps: int) -> Workload:
     return Workload(model, _Segmentation(2 * batch), loss, forward)
 
 
+class _VesselCrops(Dataset):
+    """Training crops as the xca recipe gives them: image [1, S, S] in [-1, 1], a binary vessel label."""
+
+    def __init__(self, n: int, size: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.rand(n, 1, size, size, generator=g) * 2 - 1
+        self.y = (torch.rand(n, 1, size, size, generator=g) < 0.1).float()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+def _xca_workload(arch: str, batch: int, size: int) -> Workload:
+    """The xca recipe's training step for one arch at the seed's sizes (flow.yaml: the ADM UNet at 32
+    channels x [1, 2, 4, 8], 3 blocks; csnet.yaml: CS-Net at 32..512), 320x320 crops."""
+    from recipes.xca import VesselSegmenter, XCAModel, forward
+    from recipes.xca.model import loss_fn
+
+    m = XCAModel(arch_name=arch)
+    return Workload(lambda: VesselSegmenter(m, size), _VesselCrops(2 * batch, size), loss_fn(arch, m.bce_weight),
+                    forward)
+
+
+def xca_flow_workload(batch: int, steps: int) -> Workload:
+    return _xca_workload("dhariwal_concat_unet", batch, 320)
+
+
+def xca_csnet_workload(batch: int, steps: int) -> Workload:
+    return _xca_workload("csnet", batch, 320)
+
+
 WORKLOADS: dict[str, Callable[[int, int], Workload]] = {
     "mlp": mlp_workload, "pdan": pdan_workload, "r2plus1d": r2plus1d_workload, "segformer": segformer_workload,
-    "mvfoul": mvfoul_workload}
-DEFAULT_BATCH = {"mlp": 32, "pdan": 8, "r2plus1d": 8, "segformer": 8, "mvfoul": 8}
+    "mvfoul": mvfoul_workload, "xca_flow": xca_flow_workload, "xca_csnet": xca_csnet_workload}
+DEFAULT_BATCH = {"mlp": 32, "pdan": 8, "r2plus1d": 8, "segformer": 8, "mvfoul": 8, "xca_flow": 6, "xca_csnet": 8}
 PRECISIONS = ("32-true", "bf16-mixed")  # what every variant (hand-written, trainlib, Lightning) can run
 
 
@@ -923,7 +958,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(WORKLOADS), default="mlp")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=None, help="default: 8 for pdan, r2plus1d, segformer, mvfoul (actions of 2 views); 32 for mlp")
+    ap.add_argument("--batch", type=int, default=None, help="default: 8 for pdan, r2plus1d, segformer, mvfoul (actions of 2 views), xca_csnet; 6 for xca_flow (the seed's train_bs); 32 for mlp")
     ap.add_argument("--precision", choices=PRECISIONS, default=None,
                     help="used by every variant; default: bf16-mixed on cuda, 32-true on cpu")
     ap.add_argument("--steps", type=int, default=300, help="steps per variant per round")
