@@ -201,3 +201,23 @@ def test_metrics_take_the_predict_dict():
     label[..., 2:4, :] = 1
     m.update({"prob": label * 0.9, "trajectory": torch.zeros(1, 4, 8, 8)}, {"label": label})
     assert m.compute(torch.device("cpu"))["dice"] == 1.0
+
+
+@pytest.mark.parametrize("arch", ["dhariwal_concat_unet", "medsegdiff"])
+def test_sampled_prediction_depends_on_the_image_index_not_on_its_batch(arch):
+    """Noise per image from a generator seeded by its index: an image scores the same alone or in a batch,
+    on any rank (N processes score what one does), and at every validation."""
+    torch.manual_seed(0)
+    m = XCAModel(arch_name=arch, model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[],
+                 timesteps=3, num_ensemble=2, roi_size=16, log_image_enabled=True, log_trajectory_steps=2)
+    model = VesselSegmenter(m, 16).eval()
+    for p in model.net.parameters():  # the zero-initialised output would make every sample equal
+        p.data.normal_(0, 0.1)
+    image, index = torch.rand(3, 1, 24, 24) * 2 - 1, torch.tensor([5, 9, 2])
+    together = model.predict(image, index)
+    alone = model.predict(image[1:2], index[1:2])
+    assert torch.equal(together["prob"][1:2], alone["prob"])
+    assert not torch.equal(together["prob"][0], model.predict(image[:1], torch.tensor([6]))["prob"][0])
+    if arch == "dhariwal_concat_unet":
+        assert together["trajectory"].shape == (3, 2, 24, 24)
+        assert torch.equal(together["trajectory"][1:2], alone["trajectory"])

@@ -47,7 +47,7 @@ def forward(model: Any, batch: dict) -> dict:
 
 
 def predict(model: VesselSegmenter, batch: dict) -> dict:
-    return model.predict(batch["image"])
+    return model.predict(batch["image"], batch["index"])
 
 
 def blocks(model: VesselSegmenter) -> list:

@@ -129,14 +129,23 @@ class VesselSegmenter(nn.Module):
 
     # ---------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def predict(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def predict(self, image: torch.Tensor, index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """image [B, 1, H, W] -> {"prob", "trajectory"}. The noise of image i comes from a generator seeded
+        by its dataset index, so N processes (and every validation) sample what one process samples."""
         m = self.m
         keep = m.log_trajectory_steps if self.arch == "dhariwal_concat_unet" and m.log_image_enabled else 0
-        out = sliding_window(lambda w: self._window(w, keep), image, (self.roi, self.roi), m.sw_overlap,
-                             m.sw_mode, sw_batch_size=m.sw_batch_size)
+        seeds = index.tolist() if index is not None else [None] * image.shape[0]  # host read: evaluation only
+        outs = []
+        for i, seed in enumerate(seeds):
+            g = None
+            if seed is not None and self.arch != "csnet":
+                g = torch.Generator(device=image.device).manual_seed(int(seed))
+            outs.append(sliding_window(lambda w: self._window(w, keep, g), image[i : i + 1], (self.roi, self.roi),
+                                       m.sw_overlap, m.sw_mode, sw_batch_size=m.sw_batch_size))
+        out = torch.cat(outs)
         return {"prob": out[:, :1], **({"trajectory": out[:, 1:]} if keep else {})}
 
-    def _window(self, w: torch.Tensor, keep: int) -> torch.Tensor:
+    def _window(self, w: torch.Tensor, keep: int, g: torch.Generator | None) -> torch.Tensor:
         """[n, 1, r, r] image windows -> [n, 1 + keep, r, r]: probability (+ trajectory states)."""
         m = self.m
         if self.arch == "csnet":
@@ -145,9 +154,9 @@ class VesselSegmenter(nn.Module):
         total, states = torch.zeros(shape, device=w.device), []
         for k in range(m.num_ensemble):
             if self.diffusion is not None:
-                total += self.diffusion.sample(self.net, w, m.sampling_steps or None).float()
+                total += self.diffusion.sample(self.net, w, m.sampling_steps or None, generator=g).float()
                 continue
-            x0 = torch.randn(shape, device=w.device, dtype=w.dtype)
+            x0 = torch.randn(shape, generator=g, device=w.device, dtype=w.dtype)
             velocity = lambda x, t: self.net(x, t, w)  # noqa: E731
             if keep and k == 0:
                 x, states = sample(velocity, x0, timesteps(m), m.sampler, keep=keep)
