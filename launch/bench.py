@@ -5,7 +5,7 @@
     python -m launch.bench --model mlp --device cpu --instructions  # callgrind: instructions per step
     python -m launch.bench --model pdan --device cuda               # PDAN as in PERF_ANCHORS.md
     python -m launch.bench --model mvfoul --device cuda             # the mvfoul recipe: r2plus1d_18, 2 views, 16x112x112
-    python -m launch.bench --model xca_flow --device cuda           # the xca flow UNet, 6 crops of 320x320 (xca_csnet: CS-Net)
+    python -m launch.bench --model xca_flow --device cuda           # the xca flow UNet, 6 crops of 320x320 x 8 noise draws (xca_csnet: CS-Net)
 
 Every variant trains the same model on the same data with the same batch and precision. Each run
 of a variant is its own process (`python -m launch.bench --child ...`): no variant inherits another's
@@ -213,19 +213,20 @@ class _VesselCrops(Dataset):
         return {"image": self.x[i], "label": self.y[i]}
 
 
-def _xca_workload(arch: str, batch: int, size: int) -> Workload:
+def _xca_workload(arch: str, batch: int, size: int, noise_copies: int = 1) -> Workload:
     """The xca recipe's training step for one arch at the seed's sizes (flow.yaml: the ADM UNet at 32
-    channels x [1, 2, 4, 8], 3 blocks; csnet.yaml: CS-Net at 32..512), 320x320 crops."""
+    channels x [1, 2, 4, 8], 3 blocks, each crop with 8 noise draws: 6 crops = 48 UNet samples per
+    forward; csnet.yaml: CS-Net at 32..512), 320x320 crops."""
     from recipes.xca import VesselSegmenter, XCAModel, forward
     from recipes.xca.model import loss_fn
 
-    m = XCAModel(arch_name=arch)
+    m = XCAModel(arch_name=arch, noise_copies=noise_copies)
     return Workload(lambda: VesselSegmenter(m, size), _VesselCrops(2 * batch, size), loss_fn(arch, m.bce_weight),
                     forward)
 
 
 def xca_flow_workload(batch: int, steps: int) -> Workload:
-    return _xca_workload("dhariwal_concat_unet", batch, 320)
+    return _xca_workload("dhariwal_concat_unet", batch, 320, noise_copies=8)
 
 
 def xca_csnet_workload(batch: int, steps: int) -> Workload:

@@ -143,21 +143,40 @@ recipe_from_yaml() {
 }
 
 # `devices:` of the top-level `trainer:` section of a YAML file ("" when absent). Plain text scan:
-# the section starts at column 0, its keys are indented; a trailing `# comment` is removed.
+# the section starts at column 0 (block form, or a one-line `trainer: {devices: 2, ...}`); only keys
+# at the indentation of its first key count (not a `devices:` nested deeper, e.g. in a logger's
+# init_args); quotes and a trailing `# comment` are removed.
 devices_from_yaml() {
-    local line in_trainer=0 value re='^[[:space:]]+devices:[[:space:]]*(.*)$'
+    local line in_trainer=0 indent="" value key_re flow_re='^trainer:[[:space:]]*\{(.*[{,[:space:]])?devices:[[:space:]]*([^,}]*)'
     while IFS= read -r line || [[ -n "${line}" ]]; do
         line=${line%$'\r'}
-        if [[ "${line}" =~ ^[^[:space:]#] ]]; then
-            [[ "${line}" =~ ^trainer:[[:space:]]*(#.*)?$ ]] && in_trainer=1 || in_trainer=0
-        elif ((in_trainer)) && [[ "${line}" =~ ${re} ]]; then
+        [[ "${line}" =~ ^[[:space:]]*(#.*)?$ ]] && continue
+        if [[ "${line}" =~ ^[^[:space:]] ]]; then
+            in_trainer=0 indent=""
+            if [[ "${line}" =~ ${flow_re} ]]; then
+                value=${BASH_REMATCH[2]}
+                break
+            fi
+            [[ "${line}" =~ ^trainer:[[:space:]]*(#.*)?$ ]] && in_trainer=1
+            continue
+        fi
+        ((in_trainer)) || continue
+        if [[ -z "${indent}" ]]; then
+            indent=${line%%[![:space:]]*}
+        fi
+        key_re="^${indent}devices:[[:space:]]*(.*)$"
+        if [[ "${line}" =~ ${key_re} ]]; then
             value=${BASH_REMATCH[1]}
-            value=${value%%[[:space:]]#*}
-            value=${value%"${value##*[![:space:]]}"}
-            printf '%s' "${value}"
-            return 0
+            break
         fi
     done <"$1"
+    [[ -n "${value:-}" ]] || return 0
+    value=${value%%[[:space:]]#*}
+    value=${value%"${value##*[![:space:]]}"}
+    if [[ "${value}" =~ ^\"(.*)\"$ || "${value}" =~ ^\'(.*)\'$ ]]; then
+        value=${BASH_REMATCH[1]}
+    fi
+    printf '%s' "${value}"
 }
 
 # Number of GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else `nvidia-smi -L`.

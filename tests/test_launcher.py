@@ -115,6 +115,27 @@ def test_devices(launch):
     assert dry(launch, "-r", "pdan", "-g", "4,5", "-d", "2").startswith("CUDA_VISIBLE_DEVICES=4,5 ")
 
 
+@pytest.mark.parametrize("trainer,expected", [
+    ("trainer:\n  max_epochs: 3\n  devices: 2   # two\n", "2"),
+    ("trainer:\n  logger:\n    init_args:\n      devices: 4\n  devices: \"3\"\n", "3"),  # its own depth only
+    ("trainer: {max_epochs: 3, devices: 5}\n", "5"),
+    ("trainer:\r\n\tdevices: 6\r\n", "6"),
+    ("model:\n  devices: 9\ntrainer:\n  max_epochs: 1\n", "1"),  # not trainer's: the default
+    ("trainer:\n  # c\n\n  devices: '-1'\n", "1"),                 # -1: every GPU (none here)
+])
+def test_devices_from_the_configs_trainer_section(launch, tmp_path, trainer, expected):
+    """The seed's YAML says how many processes (Lightning's trainer.devices); -d / -g win."""
+    (tmp_path / "c.yaml").write_text("recipe: xca\n" + trainer)
+    r = launch("-n", "-c", "c.yaml", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"torchrun --standalone --nproc_per_node={expected} -m recipes.xca --config c.yaml\n"
+    assert ("trainer.devices in c.yaml" in r.stderr) == ("devices:" in trainer.split("trainer:")[1].split("init_args")[-1])
+    assert dry(launch, "-c", "c.yaml", "-d", "7", cwd=tmp_path).startswith("torchrun --standalone --nproc_per_node=7 ")
+    (tmp_path / "bad.yaml").write_text("recipe: xca\ntrainer:\n  devices: all\n")
+    r = launch("-n", "-c", "bad.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "bad.yaml: trainer.devices must be -1 or a positive integer, got 'all'" in r.stderr
+
+
 def test_devices_all_counts_gpus(launch, fakebin):
     # no GPU: -1 (the default) means one process
     assert dry(launch, "-r", "pdan") == "torchrun --standalone --nproc_per_node=1 -m recipes.pdan"

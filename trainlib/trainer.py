@@ -314,7 +314,7 @@ class Trainer:
         n = limit_batches(len(loader), self.fast_dev_run or self.tc.limit_val_batches)
         writer = self.prediction_writer(split) if write and self.prediction_writer else None
         collector = self.image_logger() if self.image_logger and not write else None
-        writer = images.ImagesToLog(collector, self.loggers, self.state.global_step) if collector else writer
+        writer = images.ImagesToLog(collector, self.loggers, self.state.global_step) if collector is not None else writer
         with self.ema.applied() if self.ema else contextlib.nullcontext():  # the averaged weights, when on
             result = evaluation.evaluate(self.wrapped, loader, n, self.forward_fn, self.unpack,
                                          list(self._metric_factory()), self.precision, self.device, self.env, split,

@@ -80,10 +80,9 @@ class PrintEffectiveBatch(Callback):
 
 
 def image_logger(cfg: Any) -> ValidationImages | None:
+    """On every rank (the images are gathered: a collective all ranks join), or on none."""
     m = cfg.model
-    if not m.log_image_enabled or (not m.log_image_names and dist.rank() != 0):
-        return None
-    return ValidationImages(list(m.log_image_names))
+    return ValidationImages(list(m.log_image_names), dist.rank()) if m.log_image_enabled else None
 
 
 def make_synthetic(root: str, cfg: Any) -> dict:

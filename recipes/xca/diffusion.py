@@ -84,7 +84,8 @@ class GaussianDiffusion(nn.Module):
         x0_hat = self.denoise(net, self.q_sample(x0, t_index, torch.randn_like(x0)), t_index, image).float()
         mse = F.mse_loss(x0_hat, x0)
         prob = x0_to_probability(x0_hat)
-        bce = F.binary_cross_entropy(prob, mask)
+        with torch.autocast(prob.device.type, enabled=False):  # BCE is refused under CUDA autocast
+            bce = F.binary_cross_entropy(prob, mask.float())
         dice = dice_loss(prob, mask)
         return {"loss": MSE_WEIGHT * mse + SEGMENTATION_WEIGHT * (bce + dice), "mse": mse, "bce": bce, "dice": dice}
 

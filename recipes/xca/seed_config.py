@@ -30,7 +30,7 @@ from .model import XCAModel
 # seed key -> trainlib key ("" = accepted and dropped; None = handled by code below)
 SEED_KEYS: dict[str, dict[str, str | None]] = {
     "model": {"image_size": "data.image_size", "learning_rate": "optim.lr", "weight_decay": "optim.weight_decay",
-              "dim": "model.model_channels", "ema_decay": "trainer.ema_decay", "use_ema": None, "patch_plan": None,
+              "dim": "model.model_channels", "ema_decay": None, "use_ema": None, "patch_plan": None,
               "loss": None, "num_classes": None, "in_channels": None, "label_dim": None, "augment_dim": None,
               "experiment_name": "", "data_name": ""},
     "data": {"train_bs": "data.batch_size", "crop_size": "data.image_size", "val_bs": "data.val_batch_size"},
@@ -64,9 +64,12 @@ def translate(data: dict, path: str) -> dict:
     out: dict[str, Any] = {}
     own = _own_keys()
     top_images = data.get("log_image_enabled")
+    seed_loggers: list[str] = []
     for section, body in data.items():
         if section == "log_image_enabled":
             continue
+        if section in SEED_KEYS and body is None:
+            body = {}
         if section not in SEED_KEYS or not isinstance(body, dict):  # trainlib's own sections and top-level keys
             if isinstance(body, dict) and isinstance(out.get(section), dict):
                 out[section].update(body)  # (a seed key already put something there)
@@ -81,13 +84,33 @@ def translate(data: dict, path: str) -> dict:
             elif SEED_KEYS[section][key]:
                 _put(out, str(SEED_KEYS[section][key]), value)
             elif SEED_KEYS[section][key] is None:
-                _special(out, path, section, key, value, body)
+                _special(out, path, section, key, value, body, seed_loggers)
     if top_images is not None:
-        out.setdefault("model", {}).setdefault("log_image_enabled", top_images)
+        model = out.setdefault("model", {})
+        if isinstance(model, dict):
+            model.setdefault("log_image_enabled", top_images)
+    if seed_loggers:  # after every section: a `log:` section of the file may come before or after
+        log = out.setdefault("log", {})
+        if isinstance(log, dict):
+            log["loggers"] = list(dict.fromkeys([*(log.get("loggers") or ["console", "jsonl"]), *seed_loggers]))
     d = out.get("data", {})
     if isinstance(d, dict) and d.get("train_dir") and not d.get("root"):
         d["root"] = os.path.dirname(str(d["train_dir"]).rstrip("/")) or "."  # real data: no synthetic demo
     return out
+
+
+def _mapping(path: str, key: str, value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: {key} must be a mapping of keys, got {value!r}")
+    return value
+
+
+def _number(path: str, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{path}: {key}={value!r}: expected a number")
+    return float(value)
 
 
 def _must(path: str, key: str, value: Any, expected: Any, why: str) -> None:
@@ -95,13 +118,15 @@ def _must(path: str, key: str, value: Any, expected: Any, why: str) -> None:
         raise ConfigError(f"{path}: {key}={value!r}: only {expected!r} is supported ({why})")
 
 
-def _special(out: dict, path: str, section: str, key: str, value: Any, body: dict) -> None:
+def _special(out: dict, path: str, section: str, key: str, value: Any, body: dict, loggers: list[str]) -> None:
     where = f"{section}.{key}"
     if where == "model.use_ema":
-        if value:
-            _put(out, "trainer.ema_decay", body.get("ema_decay", EMA_DECAY))
-        elif "ema_decay" in body:
-            _put(out, "trainer.ema_decay", 0.0)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: model.use_ema={value!r}: expected true or false")
+        _put(out, "trainer.ema_decay", body.get("ema_decay", EMA_DECAY) if value else 0.0)
+    elif where == "model.ema_decay":
+        if "use_ema" not in body:  # (with use_ema, that key decides)
+            _put(out, "trainer.ema_decay", value)
     elif where == "model.patch_plan":
         plan = value if isinstance(value, list) else [value]
         crop = body.get("image_size")
@@ -111,14 +136,17 @@ def _special(out: dict, path: str, section: str, key: str, value: Any, body: dic
                               f"training crop (model.image_size) is supported: the count becomes model.noise_copies")
         _put(out, "model.noise_copies", plan[0][1])
     elif where == "model.loss":
-        loss = value or {}
-        params = loss.get("params", {}) if isinstance(loss, dict) else {}
-        scheme, weights = params.get("scheme", "l1_bce"), params.get("weights", {}) or {}
+        loss = _mapping(path, "model.loss", value)
+        params = _mapping(path, "model.loss.params", loss.get("params"))
+        weights = _mapping(path, "model.loss.params.weights", params.get("weights"))
+        scheme = params.get("scheme", "l1_bce")
         _must(path, "model.loss.name", loss.get("name", "flow_matching"), "flow_matching", "the seed's flow loss")
         if scheme not in ("l1", "l1_bce"):
             raise ConfigError(f"{path}: model.loss.params.scheme={scheme!r}: expected l1 or l1_bce")
-        _must(path, "model.loss.params.weights.l1", float(weights.get("l1", 1.0)), 1.0, "the L1 term is the loss")
-        _put(out, "model.bce_weight", float(weights.get("bce", 0.5)) if scheme == "l1_bce" else 0.0)
+        _must(path, "model.loss.params.weights.l1", _number(path, "model.loss.params.weights.l1", weights.get("l1", 1.0)),
+              1.0, "the L1 term is the loss")
+        bce = _number(path, "model.loss.params.weights.bce", weights.get("bce", 0.5))
+        _put(out, "model.bce_weight", bce if scheme == "l1_bce" else 0.0)
     elif where == "model.num_classes":
         _must(path, where, value, 2, "vessel and background")
     elif where == "model.in_channels":
@@ -129,6 +157,7 @@ def _special(out: dict, path: str, section: str, key: str, value: Any, body: dic
         _check_devices(path, value)
     elif where == "trainer.strategy":
         mapped = {"auto": {}, "ddp": {"strategy": "ddp"}, "ddp_spawn": {"strategy": "ddp"}, "fsdp": {"strategy": "fsdp"},
+                  "none": {"strategy": "none"},
                   "ddp_find_unused_parameters_true": {"strategy": "ddp", "find_unused_parameters": True}}
         if value not in mapped:
             raise ConfigError(f"{path}: trainer.strategy={value!r}: expected one of {', '.join(mapped)}")
@@ -137,6 +166,8 @@ def _special(out: dict, path: str, section: str, key: str, value: Any, body: dic
     elif where == "trainer.enable_progress_bar":
         _put(out, "log.progress", "auto" if value else "lines")
     elif where == "trainer.callbacks":
+        if not isinstance(value, (list, type(None))):
+            raise ConfigError(f"{path}: trainer.callbacks must be a list of {{class_path, init_args}}, got {value!r}")
         for cb in value or []:
             _callback(out, path, cb)
     elif where == "trainer.logger":
@@ -144,12 +175,12 @@ def _special(out: dict, path: str, section: str, key: str, value: Any, body: dic
             name = str((lg or {}).get("class_path", "")).rsplit(".", 1)[-1] if isinstance(lg, dict) else str(lg)
             if name not in _LOGGERS:
                 raise ConfigError(f"{path}: trainer.logger {name or lg!r}: expected one of {', '.join(_LOGGERS)}")
-            out.setdefault("log", {}).setdefault("loggers", ["console", "jsonl"]).append(_LOGGERS[name])
+            loggers.append(_LOGGERS[name])
 
 
 def _callback(out: dict, path: str, cb: Any) -> None:
     name = str(cb.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(cb, dict) else str(cb)
-    args = (cb.get("init_args") or {}) if isinstance(cb, dict) else {}
+    args = _mapping(path, f"trainer.callbacks {name}.init_args", cb.get("init_args")) if isinstance(cb, dict) else {}
     keys = {"ModelCheckpoint": {"monitor": "trainer.monitor", "mode": "trainer.mode", "save_last": "trainer.save_last",
                                 "save_top_k": "trainer.save_top_k", "verbose": "", "filename": "", "dirpath": ""},
             "EarlyStopping": {"monitor": "trainer.monitor", "mode": "trainer.mode",

@@ -41,9 +41,9 @@ class MaskWriter:
 class ValidationImages:
     """The named validation images as one strip each: image | label | probability | x(t) states."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], rank: int = 0) -> None:
         self.names = set(names)
-        self.first_only = not names  # no names given: the first image this rank sees (rank 0's shows)
+        self.first_only = not names and rank == 0  # no names given: the first image rank 0 sees
         self.found: dict[str, np.ndarray] = {}
 
     def update(self, outputs: dict, batch: dict) -> None:
