@@ -120,6 +120,10 @@ def test_schedules():
     assert cos[0] == pytest.approx(0.5) and cos[1] == pytest.approx(1.0)
     assert cos[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
     assert cos[10] == pytest.approx(0.1)
+    # linear with a 10% warmup: after the warmup, transformers' get_linear_schedule_with_warmup exactly
+    lin, _ = lrs("linear", 20, warmup_ratio=0.1)
+    assert lin[0] == pytest.approx(0.5) and lin[1] == pytest.approx(1.0) and lin[20] == 0.0
+    assert all(lin[k] == pytest.approx((20 - k) / 18) for k in range(2, 21))
     step, _ = lrs("step", 12, step_size=1, gamma=0.5)  # decay every epoch = 5 steps
     assert step[4] == 1.0 and step[5] == 0.5 and step[10] == 0.25
     one, _ = lrs("onecycle", 10)

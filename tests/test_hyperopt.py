@@ -246,9 +246,9 @@ def test_skip_hyperopt_runs_only_the_final_training_with_the_file(tmp_path, caps
 def test_bad_input_is_one_clear_error_before_anything_runs(tmp_path, capsys):
     base = [f"trainer.out_dir={tmp_path}"]
     assert main(base) == 2
-    assert "name the recipe to tune: recipe=NAME (available: mvfoul, pdan, segformer" in capsys.readouterr().err
+    assert "name the recipe to tune: recipe=NAME (available: mvfoul, panollava, pdan, segformer, xca;" in capsys.readouterr().err
     assert main(["recipe=nosuch", *base]) == 2
-    assert "unknown recipe 'nosuch': neither a registered name (registered: mvfoul, pdan" in capsys.readouterr().err
+    assert "unknown recipe 'nosuch': neither a registered name (registered: mvfoul, panollava, pdan" in capsys.readouterr().err
     assert main(["recipe=pdan", "hpo.n_trial=3", *base]) == 2
     assert "did you mean 'hpo.n_trials'" in capsys.readouterr().err
     assert main(["recipe=pdan", "hpo.space={optim.lrr: {type: float, low: 1, high: 2}}", *base]) == 2

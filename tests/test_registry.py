@@ -316,7 +316,7 @@ def test_an_unknown_recipe_is_one_error_listing_the_registered_ones(tmp_path, ca
         with pytest.raises(ConfigError) as e:
             find_recipe(ref)
         msg = str(e.value)
-        assert msg.startswith(f"unknown recipe {ref!r}: neither a registered name (registered: mvfoul, pdan, segformer")
+        assert msg.startswith(f"unknown recipe {ref!r}: neither a registered name (registered: mvfoul, panollava, pdan, segformer, xca")
         assert "trainlib.recipes" in msg and "mypkg.myrecipe" in msg and "\n" not in msg
 
     from trainlib.hpo import main

@@ -175,8 +175,8 @@ def combination_problem(t: "TrainerConfig", o: "OptimConfig") -> str:
         return (f"trainer.compile={mode} already replays CUDA graphs of the compiled regions; with "
                 "trainer.cuda_graphs=true use trainer.compile=true or max-autotune-no-cudagraphs (the whole step "
                 "is captured)")
-    if o.scheduler in ("cosine", "onecycle") and t.max_epochs == 0 and t.max_steps <= 0:
-        return (f"optim.scheduler={o.scheduler} needs a known run length: trainer.max_epochs or trainer.max_steps "
+    if (o.scheduler in ("cosine", "linear", "onecycle") or o.warmup_ratio) and t.max_epochs == 0 and t.max_steps <= 0:
+        return (f"optim.scheduler={o.scheduler}{' with optim.warmup_ratio' if o.warmup_ratio else ''} needs a known run length: trainer.max_epochs or trainer.max_steps "
                 "must be > 0")
     if t.oom_recovery and t.cuda_graphs:
         return ("trainer.oom_recovery=true needs eager steps (a captured graph cannot be cut into smaller "
@@ -299,9 +299,10 @@ class OptimConfig:
     eps: float = opt(1e-8, "Adam epsilon", gt=0)
     momentum: float = opt(0.9, "SGD momentum", ge=0, le=1)
     nesterov: bool = opt(False, "SGD Nesterov momentum")
-    scheduler: Literal["cosine", "plateau", "onecycle", "step", "none"] = opt("none", "learning-rate schedule, stepped once per optimizer step")
+    scheduler: Literal["cosine", "linear", "plateau", "onecycle", "step", "none"] = opt("none", "learning-rate schedule, stepped once per optimizer step (linear: straight down to min_lr)")
     warmup_steps: int = opt(0, "linear warmup from 0 over this many optimizer steps", ge=0)
-    min_lr: float = opt(0.0, "cosine: final learning rate", ge=0)
+    warmup_ratio: float = opt(0.0, "warmup over this fraction of the run's optimizer steps, when warmup_steps is 0", ge=0, lt=1)
+    min_lr: float = opt(0.0, "cosine, linear: final learning rate", ge=0)
     step_size: int = opt(10, "step: decay every this many epochs", ge=1)
     gamma: float = opt(0.1, "step: decay factor", gt=0, le=1)
     plateau_factor: float = opt(0.5, "plateau: multiply the lr by this when the monitored metric stalls", gt=0, lt=1)

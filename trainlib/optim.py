@@ -149,12 +149,13 @@ class LRSchedule:
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
                  steps_per_epoch: int, mode: str = "min") -> None:
-        if cfg.scheduler in ("cosine", "onecycle") and total_steps <= 0:
+        if (cfg.scheduler in ("cosine", "linear", "onecycle") or cfg.warmup_ratio) and total_steps <= 0:
             raise ConfigError(f"optim.scheduler={cfg.scheduler} needs a known run length (trainer.max_epochs or trainer.max_steps)")
         self.optimizer = optimizer
         self.cfg = cfg
         self.total = max(1, total_steps)
         self.steps_per_epoch = max(1, steps_per_epoch)
+        self.warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * self.total))  # (HF's warmup fraction)
         self.mode = mode
         self.base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
         for g, base in zip(optimizer.param_groups, self.base_lrs):
@@ -175,10 +176,12 @@ class LRSchedule:
             if step < up:
                 return _cos(start, base, step / up)
             return _cos(base, end, (step - up) / max(1, self.total - up))
-        warm = min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps > 0 else 1.0
+        warm = min(1.0, (step + 1) / self.warmup) if self.warmup > 0 else 1.0
+        p = min(1.0, max(0, step - self.warmup) / max(1, self.total - self.warmup))
         if c.scheduler == "cosine":
-            p = min(1.0, max(0, step - c.warmup_steps) / max(1, self.total - c.warmup_steps))
             lr = c.min_lr + (base - c.min_lr) * 0.5 * (1 + math.cos(math.pi * p))
+        elif c.scheduler == "linear":  # transformers' get_linear_schedule_with_warmup (min_lr 0)
+            lr = c.min_lr + (base - c.min_lr) * (1 - p)
         elif c.scheduler == "step":
             lr = base * c.gamma ** (step // (c.step_size * self.steps_per_epoch))
         else:  # none, plateau
@@ -202,7 +205,7 @@ class LRSchedule:
 
     def step(self) -> None:
         self.step_count += 1
-        if not self.constant or self.step_count <= self.cfg.warmup_steps:
+        if not self.constant or self.step_count <= self.warmup:
             self._apply()
 
     def on_validation(self, value: float) -> None:

@@ -233,7 +233,8 @@ def preset_help(recipe: Recipe) -> str:
 
 def build_config(recipe: Recipe, argv: list[str], stage: Stage | None = None) -> tuple[Config, bool, bool]:
     """-> (config, help wanted, synthetic demo). Order: code defaults < recipe defaults < the
-    stage's overrides < demo settings (only without data.root) < YAML file < command line."""
+    stage's overrides < demo settings (the recipe's, then the stage's; only without data.root) < YAML
+    file < command line."""
     config_path, pairs, want_help = parse_cli(argv)
     ref = recipe_ref(recipe)
     for k, v in pairs:
@@ -296,7 +297,7 @@ def make_config(recipe: Recipe, file_data: dict, source: str, pairs: list[tuple[
     if preset == "demo":
         scratch = fresh()
         user_keys = _leaf_keys(file_data, "") | {set_value(scratch, k, v, aliases) for k, v in pairs}
-        for k, v in recipe.demo.items():
+        for k, v in {**recipe.demo, **(stage.demo if stage else {})}.items():
             if k not in user_keys and (not probe.data.root or not k.startswith("model.")):
                 set_value(cfg, k, v)
                 applied.append(f"{k}={v}")

@@ -11,7 +11,8 @@ Each stage is an ordinary run in `<out_dir>/<run_name>/<stage>/` (its own checkp
 resume). At its end it writes `model_final.safetensors` (the final weights; the averaged ones with
 EMA on), which the next stage starts from; `trainer.ckpt_path` replaces that start for the first
 stage run. Config order per stage: code defaults < recipe defaults < the stage's overrides < demo
-settings < YAML file < command line (what the user types still wins).
+settings (the recipe's, then the stage's `demo`) < YAML file < command line (what the user types
+still wins). Each stage's config has `stage` set to its name, so a recipe's builders can tell them apart.
 """
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ FINAL = "model_final.safetensors"
 @dataclass
 class Stage:
     name: str
-    trains: list[str] | None = None  # module-name prefixes that train in this stage; the rest is frozen (None: all)
+    trains: list[str] | Callable[[Any], list[str]] | None = None  # module-name prefixes that train in this
+    # stage, the rest frozen (None: all); or (stage config) -> prefixes, when they depend on the config
     overrides: dict[str, Any] = field(default_factory=dict)  # config keys for this stage, e.g. {"optim.lr": 2e-5}
+    demo: dict[str, Any] = field(default_factory=dict)       # this stage's demo settings (over the recipe's demo)
     from_previous: bool = True       # start from the previous stage's model_final.safetensors
 
 
@@ -84,6 +87,7 @@ def run_stages(recipe: Any, argv: list[str], cfg: Any, build_config: Callable, b
             continue
         scfg, _, demo = build_config(recipe, argv, stage=stage)
         scfg.trainer.out_dir, scfg.trainer.run_name = str(base), stage.name
+        scfg.stage = stage.name  # what the recipe's build_model / metrics read to know which stage this is
         previous = order.index(stage.name) - 1
         if stage.from_previous and previous >= 0 and not (i == 0 and scfg.trainer.ckpt_path):
             start = base / order[previous] / FINAL
@@ -92,7 +96,7 @@ def run_stages(recipe: Any, argv: list[str], cfg: Any, build_config: Callable, b
                                   f"{start} does not exist: run stage={order[previous]} (or stage=all) with "
                                   f"trainer.run_name={base.name} first, or give trainer.ckpt_path")
             scfg.trainer.ckpt_path = str(start)
-        trainer = build_trainer(recipe, scfg, demo, trains=stage.trains)
+        trainer = build_trainer(recipe, scfg, demo, trains=stage.trains(scfg) if callable(stage.trains) else stage.trains)
         result = trainer.fit()
         if trainer.halted:  # non-finite training: the next stage would start from a failed one
             raise ConfigError(f"stage {stage.name} stopped: {trainer.stop_reason}; the later stages did not run")

@@ -184,11 +184,41 @@ class Qwen2LM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        """transformers' Qwen2 initialisation (initializer_range 0.02): a fresh model's logits start
+        near uniform (PyTorch's N(0, 1) embeddings would give a tied head logits in the tens)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     @property
     def blocks(self) -> nn.ModuleList:
         """The repeated decoder layers: FSDP units of a sharding plan."""
         return self.model.layers
+
+    def resize_vocab(self, size: int) -> None:
+        """Room for added tokens (<|vision|>): new rows start at the mean of the old embeddings. A no-op
+        when the matrix is already big enough (Qwen2.5 pads its vocabulary to 151936)."""
+        old = self.model.embed_tokens.weight
+        if size <= old.shape[0]:
+            return
+        emb = nn.Embedding(size, old.shape[1]).to(old.dtype)
+        with torch.no_grad():
+            emb.weight[: old.shape[0]] = old
+            emb.weight[old.shape[0]:] = old.mean(0)
+        self.model.embed_tokens, self.config.vocab_size = emb, size
+        head = nn.Linear(old.shape[1], size, bias=False).to(old.dtype)
+        if self.config.tie_word_embeddings:
+            head.weight = emb.weight
+        else:
+            with torch.no_grad():
+                head.weight[: self.lm_head.weight.shape[0]] = self.lm_head.weight
+                head.weight[self.lm_head.weight.shape[0]:] = self.lm_head.weight.mean(0)
+        self.lm_head = head
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

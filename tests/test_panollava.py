@@ -1,0 +1,157 @@
+"""The PanoLLaVA recipe: the three stages learn on synthetic panoramas, and the pieces they stand on
+(prompt and label mask, image-token splice, LoRA merge, CSV errors) do exactly what they say."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipes.panollava import recipe
+from recipes.panollava.captions import caption_scores
+from recipes.panollava.data import read_rows, resolve_image
+from recipes.panollava.model import PanoModel, PanoVLM
+from recipes.panollava.text import IM_END, PAD, VISION, WordTokenizer, chat_prompt, encode_example
+from trainlib.config import ConfigError
+from trainlib.recipe import build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], tmp_path: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "TRAINLIB_CACHE": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-m", "recipes.panollava", f"trainer.out_dir={tmp_path / 'runs'}", *args],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp_path)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_three_stages_learn_to_caption_held_out_panoramas(tmp_path):
+    r = _run(["trainer.run_name=demo"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "runs" / "demo"
+    for stage in ("vision", "resampler", "finetune"):
+        assert (run / stage / "model_final.safetensors").is_file(), stage
+    # stage 1: VICReg falls, and adjacent views' overlapping strips agree more than opposite views'
+    vision = _rows(run / "vision" / "metrics.jsonl")
+    train = [x["loss"] for x in vision if x["split"] == "train"]
+    assert train[-1] < 0.7 * train[0], train
+    test1 = next(x for x in vision if x["split"] == "test")
+    assert test1["adjacent"] > test1["distant"] + 0.05, test1
+    # after the three stages: held-out captions far above chance, and the written predictions score it
+    final = next(x for x in _rows(run / "finetune" / "metrics.jsonl") if x["split"] == "test")
+    assert final["bleu4"] >= 0.5 and final["cider"] > 3.0, final
+    preds = json.loads((run / "finetune" / "predictions_test.json").read_text())
+    assert len(preds) == 72 and {"id", "url", "query", "prediction", "reference"} <= set(preds[0])
+    rescored = caption_scores([p["prediction"] for p in preds], [[p["reference"]] for p in preds])
+    assert math.isclose(rescored["bleu4"], final["bleu4"], rel_tol=1e-6)
+    # the stage folders chain: resampler started from vision's weights, finetune from resampler's
+    assert "initialised weights from" in (run / "finetune" / "train.log").read_text()
+
+
+def _tiny_model(**kw) -> tuple[PanoVLM, WordTokenizer]:
+    tok = WordTokenizer.from_texts(["a red house", "the sky"])
+    m = PanoModel(view_size=16, patch_size=8, vision_hidden=16, vision_layers=1, vision_heads=2,
+                  vision_intermediate=32, lm_hidden=16, lm_layers=1, lm_heads=2, lm_kv_heads=1, lm_intermediate=32,
+                  latent_dim=16, resampler_hidden=32, num_views=4, **kw)
+    ids = {"vision": tok.token_id(VISION), "pad": tok.token_id(PAD), "eos": tok.token_id(IM_END)}
+    torch.manual_seed(0)
+    return PanoVLM(m, len(tok), ids).eval(), tok
+
+
+def test_prompt_and_label_mask_follow_the_seeds_template():
+    tok = WordTokenizer.from_texts(["a red house"])
+    ids, labels = encode_example(tok, "house", "a red house")
+    text = chat_prompt("house")
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+    assert "<|vision|>\nIn this panoramic image" in text and '"house"' in text
+    prompt_len = len(tok.encode(text))
+    assert (labels[:prompt_len] == -100).all() and torch.equal(labels[prompt_len:], ids[prompt_len:])
+    assert tok.decode(ids[prompt_len:].tolist()) == "a red house" and ids[-1] == tok.token_id(IM_END)
+    assert (ids == tok.token_id(VISION)).sum() == 1
+    prompt, none = encode_example(tok, "house", None)
+    assert len(prompt) == prompt_len and (none == -100).all()
+
+
+def test_image_tokens_replace_the_placeholder_row_by_row():
+    model, tok = _tiny_model()
+    a, la = encode_example(tok, "house", "a red house")
+    b, lb = encode_example(tok, "sky", "the sky")
+    n = max(len(a), len(b))
+    ids = torch.full((2, n), tok.token_id(PAD))
+    mask, labels = torch.zeros(2, n, dtype=torch.long), torch.full((2, n), -100)
+    for i, (x, lx) in enumerate(((a, la), (b, lb))):
+        ids[i, :len(x)], mask[i, :len(x)], labels[i, :len(x)] = x, 1, lx
+    image = torch.randn(2, 5, 16)
+    emb, m2, l2 = model.splice(ids, image, mask, labels)
+    for i in range(2):                                    # the plain way: cut at the placeholder, insert
+        at = int((ids[i] == tok.token_id(VISION)).nonzero())
+        e = model.lm.embed(ids[i])
+        want = torch.cat([e[:at], image[i], e[at + 1:]])
+        assert torch.equal(emb[i], want)
+        assert torch.equal(m2[i], torch.cat([mask[i, :at], torch.ones(5, dtype=torch.long), mask[i, at + 1:]]))
+        assert torch.equal(l2[i], torch.cat([labels[i, :at], torch.full((5,), -100), labels[i, at + 1:]]))
+
+
+def test_lora_merges_into_the_base_weights():
+    model, tok = _tiny_model(lora_r=4, lora_alpha=8.0, lora_dropout=0.0)
+    with torch.no_grad():
+        for ad in model.lora.values():
+            ad.B.normal_()                                 # adapters that change the output
+    assert len(model.lora) == 7                             # q k v o gate up down of the one layer
+    ids = torch.tensor([tok.encode("a red house")])
+    with torch.no_grad():
+        adapted = model.lm(ids)
+        plain, _ = _tiny_model(lora_r=0)                  # the same base weights (same seed), no adapters
+        assert not torch.allclose(plain.lm(ids), adapted, atol=1e-3)
+        merged = model.merged_state_dict()
+        assert not any(k.startswith("lora.") for k in merged)
+        plain.load_state_dict(merged)
+        assert torch.allclose(plain.lm(ids), adapted, atol=1e-5)
+    with pytest.raises(ValueError, match=r"lora_targets=\['qkv'\]: no linear layer of the LM has these names"):
+        _tiny_model(lora_r=4, lora_targets=["qkv"])
+
+
+def test_csv_and_image_errors_name_the_file(tmp_path):
+    bad = tmp_path / "train.csv"
+    bad.write_text("image,question,caption\nx.jpg,q,c\n")
+    with pytest.raises(ValueError, match=r"train.csv: missing column\(s\) url, query, annotation; its header is "
+                                         r"image,question,caption"):
+        read_rows(bad)
+    good = tmp_path / "valid.csv"
+    good.write_text("url,query,annotation\nimages/a.jpg,street,a street\n")
+    with pytest.raises(FileNotFoundError, match=r"valid.csv, line 2: image images/a.jpg not found \(looked at"):
+        resolve_image(read_rows(good)[0]["url"], good, tmp_path, 2)
+    with pytest.raises(FileNotFoundError, match=r"nothing.csv: no such CSV \(expected columns url,query,annotation\)"):
+        read_rows(tmp_path / "nothing.csv")
+
+
+def test_a_stage_without_its_previous_stages_weights_is_refused(tmp_path):
+    r = _run(["stage=finetune", "trainer.run_name=fresh"], tmp_path, timeout=300)
+    assert r.returncode != 0
+    assert "stage finetune starts from stage resampler's final weights" in r.stderr + r.stdout
+    assert "Traceback" not in r.stderr
+
+
+def test_stage_settings_and_unknown_stage():
+    from trainlib.stages import select
+
+    cfg, _, demo = build_config(recipe, [])
+    assert demo and cfg.optim.scheduler == "linear" and cfg.optim.betas == [0.9, 0.98]
+    names = [s.name for s in recipe.stages]
+    assert names == ["vision", "resampler", "finetune"]
+    vision = build_config(recipe, ["data.root=/d"], stage=recipe.stages[0])[0]
+    assert vision.optim.lr == 1e-4 and vision.data.batch_size == 64 and vision.trainer.accumulate_grad_batches == 2
+    assert recipe.stages[1].trains(vision) == ["resampler", "projection", "lm"]       # a from-scratch LM
+    vision.model.lm_pretrained = "/models/qwen"
+    assert recipe.stages[1].trains(vision) == ["resampler", "projection"]             # the seed's rule
+    with pytest.raises(ConfigError, match="stage=decoder: this recipe's stages are vision, resampler, finetune"):
+        select(recipe.stages, "decoder")
