@@ -48,3 +48,10 @@ pano_start_from() {
     fi
     printf '%s\n' "trainer.ckpt_path=$1"
 }
+
+# pano_merge: model_merged.safetensors (LoRA folded into the LM) beside the finetune stage's final weights
+pano_merge() {
+    local final="${OUT_DIR:-runs}/${RUN_NAME:-vlm}/finetune/model_final.safetensors"
+    [[ -f "${final}" ]] || return 0
+    "$(command -v python || command -v python3)" -m recipes.panollava.export "${final}"
+}

@@ -23,11 +23,12 @@ from trainlib.recipe import build_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(args: list[str], tmp_path: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+def _run(args: list[str], tmp_path: Path, timeout: int = 900, processes: int = 1) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "TRAINLIB_CACHE": str(tmp_path / "cache")}
-    return subprocess.run([sys.executable, "-m", "recipes.panollava", f"trainer.out_dir={tmp_path / 'runs'}", *args],
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp_path)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    return subprocess.run([sys.executable, *launcher, "-m", "recipes.panollava", f"trainer.out_dir={tmp_path / 'runs'}",
+                           *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp_path)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -35,7 +36,8 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_three_stages_learn_to_caption_held_out_panoramas(tmp_path):
-    r = _run(["trainer.run_name=demo"], tmp_path)
+    """The README's demo: 2 processes (captions and predictions gathered across ranks)."""
+    r = _run(["trainer.run_name=demo"], tmp_path, processes=2)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "demo"
     for stage in ("vision", "resampler", "finetune"):
@@ -101,7 +103,7 @@ def test_image_tokens_replace_the_placeholder_row_by_row():
         assert torch.equal(l2[i], torch.cat([labels[i, :at], torch.full((5,), -100), labels[i, at + 1:]]))
 
 
-def test_lora_merges_into_the_base_weights():
+def test_lora_merges_into_the_base_weights(tmp_path):
     model, tok = _tiny_model(lora_r=4, lora_alpha=8.0, lora_dropout=0.0)
     with torch.no_grad():
         for ad in model.lora.values():
@@ -116,6 +118,20 @@ def test_lora_merges_into_the_base_weights():
         assert not any(k.startswith("lora.") for k in merged)
         plain.load_state_dict(merged)
         assert torch.allclose(plain.lm(ids), adapted, atol=1e-5)
+    # the file route (python -m recipes.panollava.export): the scale from the config in the metadata
+    from safetensors.torch import load_file
+
+    from recipes.panollava.export import export_merged
+    from trainlib.checkpoint import export_safetensors
+
+    src = tmp_path / "finetune" / "model_final.safetensors"
+    src.parent.mkdir()
+    export_safetensors(model.state_dict(), src, {"config": "model:\n  lora_r: 4\n  lora_alpha: 8.0\n"})
+    out = load_file(str(export_merged(src)))
+    assert out.keys() == merged.keys() and all(torch.allclose(out[k], merged[k], atol=1e-6) for k in out)
+    export_safetensors(merged, tmp_path / "plain.safetensors", {"config": "model:\n  lora_r: 4\n  lora_alpha: 8.0\n"})
+    with pytest.raises(ValueError, match="plain.safetensors: no LoRA adapters to merge"):
+        export_merged(tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match=r"lora_targets=\['qkv'\]: no linear layer of the LM has these names"):
         _tiny_model(lora_r=4, lora_targets=["qkv"])
 
@@ -155,3 +171,63 @@ def test_stage_settings_and_unknown_stage():
     assert recipe.stages[1].trains(vision) == ["resampler", "projection"]             # the seed's rule
     with pytest.raises(ConfigError, match="stage=decoder: this recipe's stages are vision, resampler, finetune"):
         select(recipe.stages, "decoder")
+
+
+def test_a_checkpoints_tokenizer_json_gets_the_vision_token(tmp_path):
+    """A Qwen-shaped tokenizer.json (byte-level BPE, <|im_start|>/<|im_end|>/<|endoftext|> special, no
+    <|vision|>): the placeholder is added as one token, pad is <|endoftext|> (Qwen's pad = eos)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, decoders, trainers
+
+    from recipes.panollava.text import HFTokenizer, load_tokenizer
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([chat_prompt("street").replace(VISION, ""), "a red house on a quiet street"] * 20,
+                            trainer=trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    hf = load_tokenizer(str(tmp_path), [])
+    assert isinstance(hf, HFTokenizer)
+    assert hf.encode(VISION) == [hf.token_id(VISION)] and hf.token_id(PAD) == hf.token_id("<|endoftext|>")
+    ids, labels = encode_example(hf, "street", "a red house")
+    assert (ids == hf.token_id(VISION)).sum() == 1 and ids[-1] == hf.token_id(IM_END)
+    start = int((labels != -100).nonzero()[0])
+    assert hf.decode(ids[start:].tolist()) == "a red house"
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        load_tokenizer(str(tmp_path / "nothing"), [])
+
+
+@pytest.mark.slow
+def test_finetune_under_fsdp_trains_like_ddp_and_keeps_no_state_for_the_frozen_lm(tmp_path, monkeypatch):
+    """2 gloo ranks, the finetune stage (LoRA on a frozen LM) from the same start: FSDP with the recipe's
+    units (LM decoder layers, SigLIP encoder layers) gives DDP's losses; the optimizer holds state for
+    the resampler, the projection and the adapters only."""
+    from trainlib import checkpoint
+    from trainlib.checkpoint import export_safetensors
+    from trainlib.recipe import prepare_synthetic
+
+    monkeypatch.setenv("TRAINLIB_CACHE", str(tmp_path / "cache"))
+    cfg, _, demo = build_config(recipe, [])
+    prepare_synthetic(recipe, cfg)
+    torch.manual_seed(0)
+    model = recipe.build_model(cfg)
+    trainable = [n for n, _ in model.named_parameters() if n.startswith(("resampler", "projection", "lora"))]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    losses = {}
+    for strategy in ("ddp", "fsdp"):
+        export_safetensors(model.state_dict(), tmp_path / "runs" / strategy / "resampler" / "model_final.safetensors", {})
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "recipes.panollava", "stage=finetune", f"trainer.out_dir={tmp_path / 'runs'}",
+                            f"trainer.run_name={strategy}", f"trainer.strategy={strategy}", "trainer.max_epochs=1",
+                            "trainer.limit_train_batches=4", "trainer.limit_val_batches=1", "log.every_n_steps=1"],
+                           capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows = _rows(tmp_path / "runs" / strategy / "finetune" / "metrics.jsonl")
+        losses[strategy] = [x["loss"] for x in rows if x["split"] in ("train", "val", "test")]
+        saved = checkpoint.load(tmp_path / "runs" / strategy / "finetune" / "checkpoints" / "last.ckpt")
+        assert sum(len(g["params"]) for g in saved["optimizer"]["param_groups"]) == len(trainable), strategy
+    assert len(losses["ddp"]) >= 6 and losses["ddp"][0] > losses["ddp"][-1]
+    assert losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-4, abs=1e-5)

@@ -25,7 +25,7 @@ from trainlib.stages import Stage
 
 from .captions import caption_scores
 from .data import PanoCaptions, PanoData, all_texts, make_collate, split_paths
-from .evaluation import CaptionScores, CaptionWriter, ViewAgreement, agreement
+from .evaluation import CaptionScores, CaptionWriter, ViewAgreement
 from .lm import Qwen2Config, Qwen2LM, lm_from_pretrained
 from .model import PanoModel, PanoVLM
 from .synthetic import make_synthetic
@@ -65,10 +65,8 @@ def build_datasets(cfg: Any) -> dict[str, PanoCaptions]:
 
 
 def predict(model: PanoVLM, batch: dict) -> dict:
-    """Stage vision: how well the views' strips agree; otherwise greedy captions."""
-    if model.objective == "vicreg":
-        return agreement(model.vicreg_features(batch["image"]), model.m.num_views, model.m.overlap)
-    return {"tokens": model.caption(batch)}
+    """Stage vision: how well the views' strips agree; otherwise greedy captions (model.forward)."""
+    return model(batch, predict=True)
 
 
 def metrics(cfg: Any) -> list:
@@ -97,10 +95,10 @@ STAGES = [
           demo={"trainer.max_epochs": 3, "optim.lr": 2e-3, "trainer.accumulate_grad_batches": 1}),
     Stage("resampler", trains=_with_lm("resampler", "projection"),
           overrides={"trainer.max_epochs": 1, "optim.lr": 2e-6, "data.batch_size": 2, **_CAPTION},
-          demo={"trainer.max_epochs": 12, "optim.lr": 3e-3}),
+          demo={"trainer.max_epochs": 8, "optim.lr": 4e-3}),
     Stage("finetune", trains=["resampler", "projection", "lora"],
           overrides={"trainer.max_epochs": 1, "optim.lr": 2e-6, "data.batch_size": 2, **_CAPTION},
-          demo={"trainer.max_epochs": 6, "optim.lr": 2e-3}),
+          demo={"trainer.max_epochs": 3, "optim.lr": 2e-3}),
 ]
 
 recipe = Recipe(
@@ -122,7 +120,7 @@ recipe = Recipe(
     # AdamW(0.9, 0.98), weight decay 0.01, linear decay after a 10% warmup (the seed's optimiser)
     defaults={"optim.name": "adamw", "optim.betas": [0.9, 0.98], "optim.weight_decay": 0.01,
               "optim.scheduler": "linear", "optim.warmup_ratio": 0.1, "trainer.grad_clip": 1.0},
-    demo={"data.erp_height": 64, "data.erp_width": 128, "data.batch_size": 16, "data.max_caption_tokens": 24,
+    demo={"data.erp_height": 64, "data.erp_width": 128, "data.batch_size": 8, "data.max_caption_tokens": 24,
           "model.view_size": 32, "model.patch_size": 8, "model.vision_hidden": 48, "model.vision_layers": 2,
           "model.vision_heads": 4, "model.vision_intermediate": 96, "model.lm_hidden": 64, "model.lm_layers": 2,
           "model.lm_heads": 4, "model.lm_kv_heads": 2, "model.lm_intermediate": 128, "model.rope_theta": 10000.0,

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from trainlib import dist
 from trainlib.checkpoint import atomic_write_bytes
@@ -22,20 +21,6 @@ from trainlib.metrics import Metric
 
 from .captions import caption_scores
 from .data import read_rows
-from .vicreg import overlap_pairs
-
-
-def agreement(features: torch.Tensor, num_views: int, overlap: float) -> dict[str, torch.Tensor]:
-    """Features [B*V, N, D] -> per-panorama mean cosine of adjacent and of opposite strips [B], the
-    features centred first (their mean over the batch's tokens, which every strip shares, would make
-    every cosine near 1)."""
-    features = features - features.mean(dim=(0, 1), keepdim=True)
-    right, left = overlap_pairs(features, num_views, overlap)
-    b = features.shape[0] // num_views
-    r, l = right.mean(1).view(b, num_views, -1), left.mean(1).view(b, num_views, -1)
-    opposite = l.roll(-(num_views // 2) + 1, dims=1)          # left strip of view v + V/2 (l is already at v+1)
-    return {"adjacent": F.cosine_similarity(r, l, dim=-1).mean(1),
-            "distant": F.cosine_similarity(r, opposite, dim=-1).mean(1)}
 
 
 class ViewAgreement(Metric):

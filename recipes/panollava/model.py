@@ -28,7 +28,7 @@ from torch import nn
 from trainlib.config import opt
 
 from .lm import Qwen2Config, Qwen2LM, lm_from_pretrained
-from .vicreg import VICRegWeights, vicreg_loss
+from .vicreg import VICRegWeights, agreement, vicreg_loss
 from .views import erp_to_views, sampling_grid, siglip_normalize
 from .vision import SiglipVisionConfig, SiglipVisionTower, vision_from_pretrained
 
@@ -193,8 +193,14 @@ class PanoVLM(nn.Module):
         return out
 
     # ------------------------------------------------------------------ forwards
-    def forward(self, batch: dict) -> dict:
-        """The training forward of the current objective -> {"loss": ..., parts by name}."""
+    def forward(self, batch: dict, predict: bool = False) -> dict:
+        """The training forward of the current objective -> {"loss": ..., parts by name}; with
+        predict=True the evaluation forward (through forward, so that FSDP gathers the root's
+        parameters first): the views' agreement (vision stage) or greedy captions {"tokens"}."""
+        if predict:
+            if self.objective == "vicreg":
+                return agreement(self.vicreg_features(batch["image"]), self.m.num_views, self.m.overlap)
+            return {"tokens": self.caption(batch)}
         if self.objective == "vicreg":
             w = VICRegWeights(self.m.vicreg_invariance, self.m.vicreg_variance, self.m.vicreg_covariance)
             out = vicreg_loss(self.vicreg_features(batch["image"]), self.m.num_views, self.m.overlap, w)
@@ -219,24 +225,26 @@ class PanoVLM(nn.Module):
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights with every LoRA adapter folded into its linear layer (W + scale B A), no `lora.*`
-        keys: what a plain Qwen2 loader reads."""
-        state = {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith("lora.")}
-        for key, ad in self.lora.items():
-            name = "lm." + _module_name(self.lm, key) + ".weight"
-            state[name] = state[name] + (ad.B @ ad.A).detach() * ad.scale
-        return state
+        keys: what a model with model.lora_r=0 (or a plain Qwen2 loader, under `lm.`) reads."""
+        return merge_lora(self.state_dict(), self.m.lora_alpha / max(self.m.lora_r, 1))
+
+
+def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """Fold `lora.<module name with _>.A/B` into `lm.<module name>.weight` (a state dict or a file's tensors)."""
+    out = {k: v.detach().clone() for k, v in state.items() if not k.startswith("lora.")}
+    weights = {k[3:-7].replace(".", "_"): k for k in out if k.startswith("lm.") and k.endswith(".weight")}
+    for key in {k[5:].rsplit(".", 1)[0] for k in state if k.startswith("lora.")}:
+        if key not in weights:
+            raise KeyError(f"LoRA adapter {key} has no linear layer lm.*.weight to merge into")
+        a, b = state[f"lora.{key}.A"].float(), state[f"lora.{key}.B"].float()
+        w = out[weights[key]]
+        out[weights[key]] = (w.float() + (b @ a) * scale).to(w.dtype)
+    return out
 
 
 def _lora_hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
     """A module-level function (no closure): a deep copy of the model (EMA) calls its own adapters."""
     return out + module._lora(args[0])
-
-
-def _module_name(lm: nn.Module, key: str) -> str:
-    for name, _ in lm.named_modules():
-        if name.replace(".", "_") == key:
-            return name
-    raise KeyError(key)
 
 
 def forward(model: Any, batch: dict) -> dict:
