@@ -49,9 +49,20 @@ pano_start_from() {
     printf '%s\n' "trainer.ckpt_path=$1"
 }
 
-# pano_merge: model_merged.safetensors (LoRA folded into the LM) beside the finetune stage's final weights
+# pano_is_checkpoint ARG: whether a stage script's first argument names a checkpoint (an existing file, or
+# a .ckpt / .safetensors path: trainlib's own names hold '=', e.g. checkpoints/step=00000500.ckpt)
+pano_is_checkpoint() {
+    [[ -f "$1" || "$1" == *.ckpt || "$1" == *.safetensors ]]
+}
+
+# pano_merge [ARGS...]: model_merged.safetensors (LoRA folded into the LM) beside the finetune stage's final
+# weights, in the run folder the ARGS name (trainer.out_dir= / trainer.run_name=) or the environment's
 pano_merge() {
-    local final="${OUT_DIR:-runs}/${RUN_NAME:-vlm}/finetune/model_final.safetensors"
+    local out="${OUT_DIR:-runs}" run="${RUN_NAME:-vlm}" a
+    for a in "$@"; do
+        case "${a}" in trainer.out_dir=*) out="${a#*=}" ;; trainer.run_name=*) run="${a#*=}" ;; esac
+    done
+    local final="${out}/${run}/finetune/model_final.safetensors"
     [[ -f "${final}" ]] || return 0
     "$(command -v python || command -v python3)" -m recipes.panollava.export "${final}"
 }

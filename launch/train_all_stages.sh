@@ -7,4 +7,4 @@ set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/panollava_common.sh"
 pano_run full_pipeline stage=all "$@"
 # the LoRA adapters folded into the LM: <run>/finetune/model_merged.safetensors
-pano_merge
+pano_merge "$@"

@@ -6,5 +6,5 @@
 set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/panollava_common.sh"
 start=()
-if [[ $# -gt 0 && "$1" != *=* ]]; then start=("$(pano_start_from "$1")"); shift; fi
+if [[ $# -gt 0 ]] && pano_is_checkpoint "$1"; then start=("$(pano_start_from "$1")"); shift; fi
 pano_run stage2_resampler stage=resampler "${start[@]}" "$@"

@@ -6,7 +6,7 @@
 set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/panollava_common.sh"
 start=()
-if [[ $# -gt 0 && "$1" != *=* ]]; then start=("$(pano_start_from "$1")"); shift; fi
+if [[ $# -gt 0 ]] && pano_is_checkpoint "$1"; then start=("$(pano_start_from "$1")"); shift; fi
 pano_run stage3_finetune stage=finetune "${start[@]}" "$@"
 # the LoRA adapters folded into the LM: <run>/finetune/model_merged.safetensors
-pano_merge
+pano_merge "$@"

@@ -17,7 +17,7 @@ from recipes.panollava.captions import caption_scores
 from recipes.panollava.data import read_rows, resolve_image
 from recipes.panollava.model import PanoModel, PanoVLM
 from recipes.panollava.text import IM_END, PAD, VISION, WordTokenizer, chat_prompt, encode_example
-from trainlib.config import ConfigError
+from trainlib.config import ConfigError, DataError
 from trainlib.recipe import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_three_stages_learn_to_caption_held_out_panoramas(tmp_path):
+def test_three_stages_learn_to_caption_held_out_panoramas(tmp_path, monkeypatch):
     """The README's demo: 2 processes (captions and predictions gathered across ranks)."""
     r = _run(["trainer.run_name=demo"], tmp_path, processes=2)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -57,6 +57,17 @@ def test_three_stages_learn_to_caption_held_out_panoramas(tmp_path):
     assert math.isclose(rescored["bleu4"], final["bleu4"], rel_tol=1e-6)
     # the stage folders chain: resampler started from vision's weights, finetune from resampler's
     assert "initialised weights from" in (run / "finetune" / "train.log").read_text()
+    # the LoRA merge: a file trainlib.load_model reads as a model without adapters, computing the same
+    from recipes.panollava.export import export_merged
+    from trainlib import load_model
+
+    monkeypatch.setenv("TRAINLIB_CACHE", str(tmp_path / "cache"))
+    adapted = load_model(run / "finetune" / "model_final.safetensors").eval()
+    merged = load_model(export_merged(run / "finetune" / "model_final.safetensors")).eval()
+    assert len(adapted.lora) == 14 and len(merged.lora) == 0
+    ids = torch.randint(6, len(adapted.ids) + 20, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(merged.lm(ids), adapted.lm(ids), atol=1e-5)
 
 
 def _tiny_model(**kw) -> tuple[PanoVLM, WordTokenizer]:
@@ -132,8 +143,10 @@ def test_lora_merges_into_the_base_weights(tmp_path):
     export_safetensors(merged, tmp_path / "plain.safetensors", {"config": "model:\n  lora_r: 4\n  lora_alpha: 8.0\n"})
     with pytest.raises(ValueError, match="plain.safetensors: no LoRA adapters to merge"):
         export_merged(tmp_path / "plain.safetensors")
-    with pytest.raises(ValueError, match=r"lora_targets=\['qkv'\]: no linear layer of the LM has these names"):
+    with pytest.raises(ConfigError, match=r"lora_targets=\['qkv'\]: no linear layer of the LM has these names"):
         _tiny_model(lora_r=4, lora_targets=["qkv"])
+    with pytest.raises(ConfigError, match=r"model.overlap=0.25 pairs no patch column of the 2 per view"):
+        _tiny_model(overlap=0.25)
 
 
 def test_csv_and_image_errors_name_the_file(tmp_path):
@@ -142,11 +155,14 @@ def test_csv_and_image_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"train.csv: missing column\(s\) url, query, annotation; its header is "
                                          r"image,question,caption"):
         read_rows(bad)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("\ufeffurl,query,annotation\nx.jpg,street,a street\n".encode("utf-8"))
+    assert read_rows(bom) == [{"url": "x.jpg", "query": "street", "annotation": "a street"}]
     good = tmp_path / "valid.csv"
     good.write_text("url,query,annotation\nimages/a.jpg,street,a street\n")
-    with pytest.raises(FileNotFoundError, match=r"valid.csv, line 2: image images/a.jpg not found \(looked at"):
+    with pytest.raises(DataError, match=r"valid.csv, line 2: image images/a.jpg not found \(looked at"):
         resolve_image(read_rows(good)[0]["url"], good, tmp_path, 2)
-    with pytest.raises(FileNotFoundError, match=r"nothing.csv: no such CSV \(expected columns url,query,annotation\)"):
+    with pytest.raises(DataError, match=r"nothing.csv: no such CSV \(expected columns url,query,annotation\)"):
         read_rows(tmp_path / "nothing.csv")
 
 
@@ -169,6 +185,9 @@ def test_stage_settings_and_unknown_stage():
     assert recipe.stages[1].trains(vision) == ["resampler", "projection", "lm"]       # a from-scratch LM
     vision.model.lm_pretrained = "/models/qwen"
     assert recipe.stages[1].trains(vision) == ["resampler", "projection"]             # the seed's rule
+    assert recipe.stages[2].trains(vision) == ["resampler", "projection", "lora"]
+    vision.model.lora_r = 0
+    assert recipe.stages[2].trains(vision) == ["resampler", "projection", "lm"]       # "LM or LoRA"
     with pytest.raises(ConfigError, match="stage=decoder: this recipe's stages are vision, resampler, finetune"):
         select(recipe.stages, "decoder")
 
@@ -196,7 +215,7 @@ def test_a_checkpoints_tokenizer_json_gets_the_vision_token(tmp_path):
     assert (ids == hf.token_id(VISION)).sum() == 1 and ids[-1] == hf.token_id(IM_END)
     start = int((labels != -100).nonzero()[0])
     assert hf.decode(ids[start:].tolist()) == "a red house"
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+    with pytest.raises(ConfigError, match="no tokenizer.json"):
         load_tokenizer(str(tmp_path / "nothing"), [])
 
 

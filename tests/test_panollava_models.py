@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from recipes.panollava import lm_from_pretrained, vision_from_pretrained  # noqa: E402
+from trainlib.config import ConfigError  # noqa: E402
 
 TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    image_size=32, patch_size=8)
@@ -133,7 +134,7 @@ def test_checkpoint_folders_for_another_architecture_are_named(tmp_path):
         lm_from_pretrained(llama)
     with pytest.raises(ValueError, match=r"llama/config.json: model_type 'llama' is not a SigLIP checkpoint"):
         vision_from_pretrained(llama)
-    with pytest.raises(FileNotFoundError, match=r"empty: no config.json"):
+    with pytest.raises(ConfigError, match=r"empty: no config.json"):
         lm_from_pretrained(tmp_path / "empty")
     # a Qwen2 config over weights of another size: the folder and the mismatched keys are named
     _qwen(tmp_path / "q", tied=True)
@@ -141,3 +142,63 @@ def test_checkpoint_folders_for_another_architecture_are_named(tmp_path):
     (tmp_path / "q" / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
     with pytest.raises(ValueError, match=r"q: the checkpoint does not fit this architecture; shape .*mlp"):
         lm_from_pretrained(tmp_path / "q")
+
+
+GENERATE_ON_TWO_SHARDED_RANKS = """
+import datetime, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, sys.argv[1])
+from recipes.panollava.lm import Qwen2Config, Qwen2LM
+from recipes.panollava.model import _sharded
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=int(sys.argv[3])))
+rank = dist.get_rank()
+torch.manual_seed(0)
+lm = Qwen2LM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4)).eval()
+prompts = torch.tensor([[7, 8, 9], [20, 21, 22]])
+with torch.no_grad():
+    eos = int(lm(prompts[:1]).argmax(-1)[0, -1])        # rank 0's very first token ends its caption
+assert not _sharded(lm)
+class Root(torch.nn.Module):                         # as the recipe: the VLM is the root, its forward decodes
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+    def forward(self, ids):
+        return self.lm.generate(ids, max_new_tokens=8, eos_token_id=eos, pad_token_id=0, all_ranks=ALL_RANKS)
+ALL_RANKS = sys.argv[2] == "1"
+root = Root(lm)
+for layer in lm.model.layers:                       # the units: each step's layer forwards all-gather
+    fully_shard(layer)
+fully_shard(root)
+assert _sharded(lm)
+with torch.no_grad():
+    out = root(prompts[rank:rank + 1])
+print(f"rank{rank}", out[0, 3:].tolist(), flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_ranks_decode_in_step_when_one_finishes_first(tmp_path):
+    """Layers as FSDP units make every decoding step a collective: a rank whose captions all ended
+    keeps stepping (padding) until every rank's have, instead of leaving the others waiting."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "gen.py"
+    script.write_text(GENERATE_ON_TWO_SHARDED_RANKS)
+    root = Path(__file__).resolve().parents[1]
+    def decode(all_ranks: bool, timeout_s: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(script), str(root), str(int(all_ranks)), str(timeout_s)], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    # without the all-ranks stop, rank 0 leaves after its first token and rank 1's all-gathers wait in vain
+    assert decode(False, 5).returncode != 0
+    r = decode(True, 60)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line.startswith("rank"))
+    first, second = json.loads(lines["rank0"]), json.loads(lines["rank1"])
+    assert first[1:] == [0] * (len(first) - 1) and len(first) == len(second) > 1

@@ -155,7 +155,7 @@ class LRSchedule:
         self.cfg = cfg
         self.total = max(1, total_steps)
         self.steps_per_epoch = max(1, steps_per_epoch)
-        self.warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * self.total))  # (HF's warmup fraction)
+        self.warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total)  # as transformers' Trainer
         self.mode = mode
         self.base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
         for g, base in zip(optimizer.param_groups, self.base_lrs):

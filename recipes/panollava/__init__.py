@@ -81,10 +81,16 @@ def blocks(model: PanoVLM) -> list:
 _CAPTION = {"trainer.monitor": "val/bleu4", "trainer.mode": "max"}
 
 
-def _with_lm(*parts: str):
-    """A stage's trainable parts, plus the whole LM when it starts from scratch (no model.lm_pretrained:
+def _resampler_trains(cfg: Any) -> list[str]:
+    """Resampler and projection, plus the whole LM when it starts from scratch (no model.lm_pretrained:
     the synthetic demo): a frozen random LM cannot learn to write. With a pretrained LM, as the seed."""
-    return lambda cfg: [*parts, *([] if cfg.model.lm_pretrained else ["lm"])]
+    return ["resampler", "projection", *([] if cfg.model.lm_pretrained else ["lm"])]
+
+
+def _finetune_trains(cfg: Any) -> list[str]:
+    """Resampler, projection and the LoRA adapters; the whole LM with model.lora_r=0 (the seed's
+    "LM or LoRA")."""
+    return ["resampler", "projection", "lora" if cfg.model.lora_r else "lm"]
 
 
 STAGES = [
@@ -93,10 +99,10 @@ STAGES = [
           overrides={"trainer.max_epochs": 5, "optim.lr": 1e-4, "data.batch_size": 64,
                      "trainer.accumulate_grad_batches": 2, "trainer.monitor": "val/loss", "trainer.mode": "min"},
           demo={"trainer.max_epochs": 3, "optim.lr": 2e-3, "trainer.accumulate_grad_batches": 1}),
-    Stage("resampler", trains=_with_lm("resampler", "projection"),
+    Stage("resampler", trains=_resampler_trains,
           overrides={"trainer.max_epochs": 1, "optim.lr": 2e-6, "data.batch_size": 2, **_CAPTION},
           demo={"trainer.max_epochs": 8, "optim.lr": 4e-3}),
-    Stage("finetune", trains=["resampler", "projection", "lora"],
+    Stage("finetune", trains=_finetune_trains,
           overrides={"trainer.max_epochs": 1, "optim.lr": 2e-6, "data.batch_size": 2, **_CAPTION},
           demo={"trainer.max_epochs": 3, "optim.lr": 2e-3}),
 ]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from trainlib.config import DataConfig, opt
+from trainlib.config import DataConfig, DataError, opt
 
 from .text import PAD, encode_example
 
@@ -42,19 +42,19 @@ class PanoData(DataConfig):
 def read_rows(path: Path) -> list[dict[str, str]]:
     """The CSV's rows (url, query, annotation), or one message naming the file and what is wrong."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such CSV (expected columns {','.join(COLUMNS)})")
-    with path.open(newline="", encoding="utf-8") as f:
+        raise DataError(f"{path}: no such CSV (expected columns {','.join(COLUMNS)})")
+    with path.open(newline="", encoding="utf-8-sig") as f:   # -sig: a spreadsheet's byte-order mark
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; its header is "
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; its header is "
                              f"{','.join(reader.fieldnames or []) or '(empty)'}, expected {','.join(COLUMNS)}")
         rows = [{c: (r[c] or "").strip() for c in COLUMNS} for r in reader]
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows")
     for i, r in enumerate(rows, start=2):
         if not r["url"]:
-            raise ValueError(f"{path}, line {i}: empty url")
+            raise DataError(f"{path}, line {i}: empty url")
     return rows
 
 
@@ -64,7 +64,7 @@ def resolve_image(url: str, csv_path: Path, root: Path, line: int) -> Path:
     for t in tried:
         if t.is_file():
             return t
-    raise FileNotFoundError(f"{csv_path}, line {line}: image {url} not found (looked at "
+    raise DataError(f"{csv_path}, line {line}: image {url} not found (looked at "
                             f"{', '.join(str(t) for t in dict.fromkeys(tried))})")
 
 
@@ -78,7 +78,7 @@ def load_panorama(path: Path, hw: tuple[int, int]) -> torch.Tensor:
                 im = im.resize((hw[1], hw[0]), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot read the panorama ({e})") from None
+        raise DataError(f"{path}: cannot read the panorama ({e})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainlib.config import ConfigError
+
 
 @dataclass
 class Qwen2Config:
@@ -46,7 +48,7 @@ class Qwen2Config:
     def __post_init__(self) -> None:
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+            raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
 
     @classmethod
@@ -54,15 +56,15 @@ class Qwen2Config:
         """A config.json mapping -> config; refuses what this module does not implement."""
         kind = d.get("model_type")
         if kind not in ("qwen2",):
-            raise ValueError(f"{source}: model_type {kind!r} is not a Qwen2/Qwen2.5 checkpoint (expected 'qwen2')")
+            raise ConfigError(f"{source}: model_type {kind!r} is not a Qwen2/Qwen2.5 checkpoint (expected 'qwen2')")
         if d.get("use_sliding_window"):
-            raise ValueError(f"{source}: use_sliding_window=true is not supported (Qwen2.5 checkpoints have false)")
+            raise ConfigError(f"{source}: use_sliding_window=true is not supported (Qwen2.5 checkpoints have false)")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported "
+            raise ConfigError(f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported "
                              "(expected the default rotary embedding)")
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (expected 'silu')")
+            raise ConfigError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (expected 'silu')")
         known = {f.name for f in fields(cls)}
         kw = {k: d[k] for k in known if k in d and (d[k] is not None or k.endswith("token_id"))}
         if "rope_theta" in rope:
@@ -243,11 +245,14 @@ class Qwen2LM(nn.Module):
     def generate(self, input_ids: Optional[torch.Tensor] = None, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, *, attention_mask: Optional[torch.Tensor] = None,
                  inputs_embeds: Optional[torch.Tensor] = None, eos_token_id: Optional[int] = -1,
-                 pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 all_ranks: bool = False) -> torch.Tensor:
         """New tokens [B, <= max_new_tokens] after the prompt (left-padded when `attention_mask` has
         zeros). A row that produced `eos_token_id` (default: the config's) is padded with
-        `pad_token_id` (default: the config's, else eos) after it; decoding stops when every row has. With input_ids,
-        the prompt is returned in front, as transformers' generate does."""
+        `pad_token_id` (default: the config's, else eos) after it; decoding stops when every row has
+        (all_ranks=True: every row of every process, so that processes whose layers are FSDP units
+        make the same collective calls). With input_ids, the prompt is returned in front, as
+        transformers' generate does."""
         if max_new_tokens < 1:
             raise ValueError(f"generate: max_new_tokens={max_new_tokens}, expected >= 1")
         if do_sample and not (temperature > 0 and 0 < top_p <= 1):
@@ -268,7 +273,11 @@ class Qwen2LM(nn.Module):
             out.append(token)
             if eos is not None:
                 done = done | (token == eos)
-                if bool(done.all()):                            # host sync: one per generated token
+                finished = done.all()
+                if all_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+                    finished = finished.to(torch.int32)
+                    torch.distributed.all_reduce(finished, op=torch.distributed.ReduceOp.MIN)
+                if bool(finished):                              # host sync: one per generated token
                     break
             if step == max_new_tokens - 1:
                 break
@@ -295,11 +304,11 @@ class Qwen2LM(nn.Module):
 def _read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face checkpoint folder)")
+        raise ConfigError(f"{folder}: no config.json (expected a Hugging Face checkpoint folder)")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -315,7 +324,7 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
         for shard in shards:
             state.update(load_file(str(folder / shard)))
         return state
-    raise FileNotFoundError(f"{folder}: no model.safetensors (nor model.safetensors.index.json)")
+    raise ConfigError(f"{folder}: no model.safetensors (nor model.safetensors.index.json)")
 
 
 def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str, optional: tuple[str, ...] = ()) -> None:
@@ -326,7 +335,7 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str, op
     wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
              if k in state and state[k].shape != v.shape]
     if missing or wrong:
-        raise ValueError(f"{source}: the checkpoint does not fit this architecture"
+        raise ConfigError(f"{source}: the checkpoint does not fit this architecture"
                          + (f"; missing {missing[:4]}{' ...' if len(missing) > 4 else ''}" if missing else "")
                          + (f"; shape {wrong[:3]}" if wrong else ""))
     module.load_state_dict({k: state[k] for k in own if k in state}, strict=False)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainlib.config import opt
+from trainlib.config import ConfigError, opt
 
 from .lm import Qwen2Config, Qwen2LM, lm_from_pretrained
 from .vicreg import VICRegWeights, agreement, vicreg_loss
@@ -108,6 +108,10 @@ class PanoVLM(nn.Module):
         if m.vision_pretrained:
             self.vision = vision_from_pretrained(m.vision_pretrained)
         else:
+            if m.view_size % m.patch_size or m.vision_hidden % m.vision_heads:
+                raise ConfigError(f"model.view_size={m.view_size} must be a multiple of model.patch_size="
+                                  f"{m.patch_size}, and model.vision_hidden={m.vision_hidden} of model.vision_heads="
+                                  f"{m.vision_heads}")
             self.vision = SiglipVisionTower(SiglipVisionConfig(
                 hidden_size=m.vision_hidden, intermediate_size=m.vision_intermediate, num_hidden_layers=m.vision_layers,
                 num_attention_heads=m.vision_heads, image_size=m.view_size, patch_size=m.patch_size))
@@ -119,6 +123,10 @@ class PanoVLM(nn.Module):
                 vocab_size=vocab_size, hidden_size=m.lm_hidden, intermediate_size=m.lm_intermediate,
                 num_hidden_layers=m.lm_layers, num_attention_heads=m.lm_heads, num_key_value_heads=m.lm_kv_heads,
                 rope_theta=m.rope_theta, eos_token_id=ids["eos"], pad_token_id=ids["pad"]))
+        side = self.vision.config.image_size // self.vision.config.patch_size
+        if int(side * m.overlap) < 1:
+            raise ConfigError(f"model.overlap={m.overlap} pairs no patch column of the {side} per view "
+                              f"(needs overlap >= {1 / side:g})")
         d = self.vision.config.hidden_size
         self.resampler = mlp([d] + [m.resampler_hidden] * (m.resampler_depth - 1) + [m.latent_dim])
         self.vicreg_projector = mlp([m.latent_dim] * (m.projector_depth + 1))
@@ -139,7 +147,7 @@ class PanoVLM(nn.Module):
                 object.__setattr__(mod, "_lora", self.lora[key])   # not a submodule: one state-dict key
                 mod.register_forward_hook(_lora_hook)
         if not len(self.lora):
-            raise ValueError(f"model.lora_targets={m.lora_targets}: no linear layer of the LM has these names "
+            raise ConfigError(f"model.lora_targets={m.lora_targets}: no linear layer of the LM has these names "
                              f"(expected some of {', '.join(LORA_TARGETS)})")
 
     # ------------------------------------------------------------------ image tokens
@@ -219,7 +227,7 @@ class PanoVLM(nn.Module):
         """Greedy captions of the left-padded prompts -> token ids [B, max_new_tokens] (pad after the end)."""
         emb, mask = self.splice(batch["prompt_ids"], self.image_embeddings(batch["image"]), batch["prompt_mask"])
         k = max_new_tokens or self.m.max_new_tokens
-        out = self.lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=k,
+        out = self.lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=k, all_ranks=_sharded(self.lm),
                                eos_token_id=self.ids["eos"], pad_token_id=self.ids["pad"])
         return F.pad(out, (0, k - out.shape[1]), value=self.ids["pad"])
 
@@ -240,6 +248,16 @@ def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.
         w = out[weights[key]]
         out[weights[key]] = (w.float() + (b @ a) * scale).to(w.dtype)
     return out
+
+
+def _sharded(lm: nn.Module) -> bool:
+    """Whether the LM's layers are FSDP units: each layer's forward is then a collective, and every
+    process must decode as many tokens as the slowest one (no early stop on this rank's eos alone)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in lm.modules())
 
 
 def _lora_hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from trainlib.config import ConfigError
+
 VISION, IM_START, IM_END, PAD, EOT = "<|vision|>", "<|im_start|>", "<|im_end|>", "<|pad|>", "<|endoftext|>"
 SPECIALS = [PAD, EOT, IM_START, IM_END, VISION]
 SYSTEM = "You are a helpful assistant. Describe the panorama image."
@@ -87,9 +89,12 @@ class HFTokenizer:
         try:
             from tokenizers import AddedToken, Tokenizer
         except ImportError:
-            raise ImportError("a checkpoint's tokenizer.json needs the `tokenizers` package: "
+            raise ConfigError("a checkpoint's tokenizer.json needs the `tokenizers` package: "
                               "pip install -e \".[panollava]\"") from None
-        self.tok = Tokenizer.from_file(str(path))
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust library's own exception type
+            raise ConfigError(f"{path}: not a tokenizer.json the tokenizers package reads ({e})") from None
         missing = [s for s in (VISION, IM_START, IM_END, EOT) if self.tok.token_to_id(s) is None]
         if missing:
             self.tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in missing])
@@ -104,7 +109,7 @@ class HFTokenizer:
         if i is None and token == PAD:
             i = self.tok.token_to_id(EOT)
         if i is None:
-            raise ValueError(f"tokenizer.json has no token {token!r}")
+            raise ConfigError(f"tokenizer.json has no token {token!r}")
         return int(i)
 
     def encode(self, text: str) -> list[int]:
@@ -119,7 +124,7 @@ def load_tokenizer(lm_folder: str, texts: Iterable[str]) -> WordTokenizer | HFTo
     if lm_folder:
         path = Path(lm_folder) / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{lm_folder}: no tokenizer.json (expected a Hugging Face Qwen2 folder)")
+            raise ConfigError(f"{lm_folder}: no tokenizer.json (expected a Hugging Face Qwen2 folder)")
         return HFTokenizer(path)
     return WordTokenizer.from_texts(texts)
 
@@ -129,7 +134,7 @@ def encode_example(tok: WordTokenizer | HFTokenizer, query: str, answer: str | N
     """(input_ids, labels) of one chat turn; answer None: the prompt only (for generation), labels all -100."""
     prompt = tok.encode(chat_prompt(query, system, template))
     if tok.encode(VISION) != [tok.token_id(VISION)] or prompt.count(tok.token_id(VISION)) != 1:
-        raise ValueError("the tokenizer does not keep <|vision|> as one token: the image tokens have no place")
+        raise ConfigError("the tokenizer does not keep <|vision|> as one token: the image tokens have no place")
     answer_ids = [] if answer is None else tok.encode(answer) + [tok.token_id(IM_END)]
     ids = torch.tensor(prompt + answer_ids, dtype=torch.long)
     labels = torch.full_like(ids, -100)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainlib.config import ConfigError
+
 from .lm import _read_config, load_into, read_safetensors
 
 
@@ -37,10 +39,10 @@ class SiglipVisionConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
+            raise ConfigError(f"hidden_size={self.hidden_size} is not a multiple of "
                              f"num_attention_heads={self.num_attention_heads}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+            raise ConfigError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
 
     @property
     def num_patches(self) -> int:
@@ -53,11 +55,11 @@ class SiglipVisionConfig:
         if kind == "siglip":
             d = d.get("vision_config") or {}
         elif kind != "siglip_vision_model":
-            raise ValueError(f"{source}: model_type {kind!r} is not a SigLIP checkpoint "
+            raise ConfigError(f"{source}: model_type {kind!r} is not a SigLIP checkpoint "
                              "(expected 'siglip' or 'siglip_vision_model')")
         act = d.get("hidden_act", "gelu_pytorch_tanh")
         if act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-            raise ValueError(f"{source}: hidden_act {act!r} is not supported (expected 'gelu_pytorch_tanh')")
+            raise ConfigError(f"{source}: hidden_act {act!r} is not supported (expected 'gelu_pytorch_tanh')")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known and v is not None})
 
@@ -149,7 +151,7 @@ def vision_from_pretrained(folder: str | Path, dtype: torch.dtype = torch.float3
     anchor = "embeddings.patch_embedding.weight"
     prefixes = [k[: -len(anchor)] for k in state if k.endswith(anchor) and "text_model" not in k]
     if not prefixes:
-        raise ValueError(f"{folder}: the checkpoint has no vision tower ({anchor} not found)")
+        raise ConfigError(f"{folder}: the checkpoint has no vision tower ({anchor} not found)")
     prefix = prefixes[0]
     tower = SiglipVisionTower(config)
     load_into(tower, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, str(folder))
