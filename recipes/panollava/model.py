@@ -108,10 +108,10 @@ class PanoVLM(nn.Module):
         if m.vision_pretrained:
             self.vision = vision_from_pretrained(m.vision_pretrained)
         else:
-            if m.view_size % m.patch_size or m.vision_hidden % m.vision_heads:
-                raise ConfigError(f"model.view_size={m.view_size} must be a multiple of model.patch_size="
-                                  f"{m.patch_size}, and model.vision_hidden={m.vision_hidden} of model.vision_heads="
-                                  f"{m.vision_heads}")
+            for key, value, unit, of in (("view_size", m.view_size, "patch_size", m.patch_size),
+                                         ("vision_hidden", m.vision_hidden, "vision_heads", m.vision_heads)):
+                if value % of:
+                    raise ConfigError(f"model.{key}={value} must be a multiple of model.{unit}={of}")
             self.vision = SiglipVisionTower(SiglipVisionConfig(
                 hidden_size=m.vision_hidden, intermediate_size=m.vision_intermediate, num_hidden_layers=m.vision_layers,
                 num_attention_heads=m.vision_heads, image_size=m.view_size, patch_size=m.patch_size))
