@@ -196,6 +196,7 @@ class TrainStep:
         self.carrier = StatsCarrier(env.world_size) if wrapped.ddp and not self.use_graphs else None
         self.attach(wrapped.train_module)
         self.reduced: torch.Tensor | None = None  # [total, bad] over every rank, when carried
+        self.one = torch.ones(1, device=device)  # the unscale factor of the plain non-finite check
 
     def attach(self, ddp_module: nn.Module) -> None:
         """Register the stats carrier on a (new) DDP module (freezing.py builds new ones)."""
@@ -348,8 +349,11 @@ class TrainStep:
                 [p.grad for p in self.params if p.grad is not None], self.norm_type))  # (FSDP: a replicated DTensor)
         if scaler is None and grads:
             if found is None:  # one process, one micro-batch: nothing has read the gradients yet
-                largest = norm if norm is not None else torch.stack(torch._foreach_norm(grads, math.inf)).max()
-                found = (~torch.isfinite(largest)).float()
+                if norm is not None:  # the clipping's norm is non-finite exactly when a gradient is
+                    found = (~torch.isfinite(norm)).float()
+                else:  # the AMP check with a factor of 1: exact, and ~20x cheaper on CPU than an inf-norm
+                    found = torch.zeros(1, device=dev)
+                    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self.one)
             elif self.wrapped.sharded:  # each rank checked its own shards: the verdict must be global
                 torch_dist.all_reduce(found, op=torch_dist.ReduceOp.MAX)
             bad = torch.maximum(bad, found.reshape(()))
