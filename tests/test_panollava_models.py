@@ -173,7 +173,7 @@ fully_shard(root)
 assert _sharded(lm)
 with torch.no_grad():
     out = root(prompts[rank:rank + 1])
-print(f"rank{rank}", out[0, 3:].tolist(), flush=True)
+open(f"{sys.argv[4]}/rank{rank}.json", "w").write(str(out[0, 3:].tolist()))   # (not stdout: lines interleave)
 dist.destroy_process_group()
 """
 
@@ -192,13 +192,12 @@ def test_fsdp_ranks_decode_in_step_when_one_finishes_first(tmp_path):
     root = Path(__file__).resolve().parents[1]
     def decode(all_ranks: bool, timeout_s: int) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               str(script), str(root), str(int(all_ranks)), str(timeout_s)], capture_output=True,
+                               str(script), str(root), str(int(all_ranks)), str(timeout_s), str(tmp_path)], capture_output=True,
                               text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     # (without the all-ranks stop, rank 0 leaves after its first token and rank 1's next all-gather fails:
     # checked by hand with decode(False, 5), which exits non-zero; not run here, to save the suite's time)
     r = decode(True, 60)
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line.startswith("rank"))
-    first, second = json.loads(lines["rank0"]), json.loads(lines["rank1"])
+    first, second = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1))
     assert first[1:] == [0] * (len(first) - 1) and len(first) == len(second) > 1
