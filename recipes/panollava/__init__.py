@@ -29,7 +29,7 @@ from .evaluation import CaptionScores, CaptionWriter, ViewAgreement
 from .lm import Qwen2Config, Qwen2LM, lm_from_pretrained
 from .model import PanoModel, PanoVLM
 from .synthetic import make_synthetic
-from .text import EOT, IM_END, PAD, VISION, load_tokenizer
+from .text import IM_END, PAD, VISION, load_tokenizer
 from .views import erp_to_views
 from .vision import SiglipVisionConfig, SiglipVisionTower, vision_from_pretrained
 

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from trainlib.config import DataConfig, DataError, opt
 
-from .text import PAD, encode_example
+from .text import encode_example
 
 SPLITS = {"train": "train.csv", "val": "valid.csv", "test": "test.csv"}
 COLUMNS = ("url", "query", "annotation")
@@ -139,7 +139,3 @@ def all_texts(d: PanoData) -> list[str]:
         for r in read_rows(path):
             texts += [r["query"], r["annotation"]]
     return texts
-
-
-def pad_token(tok: Any) -> int:
-    return tok.token_id(PAD)

@@ -327,11 +327,11 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     raise ConfigError(f"{folder}: no model.safetensors (nor model.safetensors.index.json)")
 
 
-def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str, optional: tuple[str, ...] = ()) -> None:
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy a checkpoint's tensors into `module` by name; missing or mis-shaped ones end in one
     message naming the folder and the first keys."""
     own = module.state_dict()
-    missing = [k for k in own if k not in state and not k.startswith(optional)]
+    missing = [k for k in own if k not in state]
     wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
              if k in state and state[k].shape != v.shape]
     if missing or wrong:
