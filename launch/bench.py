@@ -27,12 +27,18 @@ Every variant is described by three things, printed in its row:
   norm        (DDP) mean: DDP's average of the ranks' gradients; exact: the loss weighted by the
               global sample count, which one extra all_reduce per step computes (trainlib's semantics:
               k micro-batches on N ranks give the gradient of one big batch)
+  checked     (hand-written rows, ", checked") the loop keeps trainlib's promise that a step whose loss
+              or gradient is NaN/inf is never applied: one device-side pass over the gradients and
+              the loss (torch._amp_foreach_non_finite_check_and_unscale_ with a factor of 1), the
+              flag handed to the fused AdamW as found_inf (no host sync; unfused: a host check);
+              under DDP with exact norm the flag rides in the same all_reduce as the sample count
 
 `vs reference` divides a variant's time by that of the hand-written loop with the SAME optimizer
-kernel, data path (and, under DDP, normalisation semantics); the cell names that row: `1.022x [4]`
-= 1.022 times row 4.
+kernel, data path and semantics (the non-finite check; under DDP, exact normalisation too); the
+cell names that row: `1.022x [4]` = 1.022 times row 4. `vs unchecked loop` (one process) divides by
+the same hand-written loop without the non-finite check, i.e. what that guarantee costs on top.
 Hand-written references are added to the run automatically. `vs plain loop` divides by the loop a
-user writes by hand (unfused AdamW, per-sample DataLoader): it shows what trainlib's faster
+user writes by hand (unfused AdamW, per-sample DataLoader, no check): it shows what trainlib's faster
 defaults (fused AdamW, batch fetch) buy, in rows labelled as such.
 
 Modes
@@ -338,29 +344,38 @@ class Spec:
     ddp: bool = False
     flags: tuple = ()      # trainlib: TrainerConfig(**dict(flags)); hand-graph: (("compile", bool),)
     note: str = ""         # what makes the row special (shown after the name in the docs)
+    checked: bool = False  # hand: a step whose loss or gradient is not finite is not applied (as trainlib)
 
     @property
     def kernel(self) -> str:
         return "fused" if self.fused else "unfused"
 
 
-def hand_name(fused: bool, data: str, norm: str = "mean", ddp: bool = False) -> str:
+def hand_name(fused: bool, data: str, norm: str = "mean", ddp: bool = False, checked: bool = False) -> str:
     return (f"hand-written{' DDP' if ddp else ''}{', fused' if fused else ''}, {data}"
-            f"{', exact norm' if norm == 'exact' else ''}")
+            f"{', exact norm' if norm == 'exact' else ''}{', checked' if checked else ''}")
 
 
-def hand_spec(fused: bool, data: str, norm: str = "mean", ddp: bool = False) -> Spec:
-    return Spec(hand_name(fused, data, norm, ddp), "hand", fused, data, norm, ddp)
+def hand_spec(fused: bool, data: str, norm: str = "mean", ddp: bool = False, checked: bool = False) -> Spec:
+    return Spec(hand_name(fused, data, norm, ddp, checked), "hand", fused, data, norm, ddp, checked=checked)
 
 
 def reference(s: Spec) -> Optional[Spec]:
-    """The hand-written loop a variant is measured against: same kernel, data path and semantics."""
+    """The hand-written loop a variant is measured against: same kernel, data path and semantics
+    (trainlib: the non-finite check; under DDP exact normalisation too; Lightning: neither)."""
     if s.engine in ("hand", "hand-graph"):
         return None
     if s.data == DEVICE:  # trainlib graphs vs the hand-written graphed loop, compiled or not
         comp = dict(s.flags).get("compile", False)
         return Spec(HAND_GRAPH if comp else "hand-written graph", "hand-graph", True, DEVICE, flags=(("compile", comp),))
-    return hand_spec(s.fused, s.data, "exact" if (s.ddp and s.engine == "trainlib") else "mean", s.ddp)
+    tl = s.engine == "trainlib"
+    return hand_spec(s.fused, s.data, "exact" if (s.ddp and tl) else "mean", s.ddp, checked=tl)
+
+
+def unchecked_reference(s: Spec) -> Optional[Spec]:
+    """One process: the reference loop without the non-finite check (what the guarantee costs)."""
+    r = reference(s)
+    return hand_spec(r.fused, r.data) if r is not None and r.checked and not s.ddp else None
 
 
 def plain_reference(s: Spec) -> Spec:
@@ -369,9 +384,10 @@ def plain_reference(s: Spec) -> Spec:
 
 
 def mean_norm_reference(s: Spec) -> Optional[Spec]:
-    """DDP: the same hand-written loop without exact normalisation (no extra collective)."""
+    """DDP: the same hand-written loop without exact normalisation (no extra collective) and
+    without the non-finite check: DDP as most users write it."""
     r = reference(s)
-    return replace(r, name=hand_name(r.fused, r.data, "mean", True), norm="mean") if r and s.ddp else None
+    return hand_spec(r.fused, r.data, "mean", True) if r and s.ddp else None
 
 
 HAND, HAND_GRAPH, LIGHTNING = hand_name(False, PER_SAMPLE), "hand-written compile+graph", "Lightning, unfused"
@@ -403,11 +419,11 @@ def all_variants(device: torch.device, model: str = "mlp", ddp: bool = False) ->
         main += [Spec(LIGHTNING, "lightning", False, PER_SAMPLE), Spec("Lightning, fused", "lightning", True, PER_SAMPLE)]
     refs: list[Spec] = []
     for s in main:
-        for r in (reference(s), plain_reference(s), mean_norm_reference(s)):
+        for r in (reference(s), plain_reference(s), unchecked_reference(s), mean_norm_reference(s)):
             if r is not None and r not in refs:
                 refs.append(r)
     order = {p: i for i, p in enumerate(DATA_PATHS)}
-    refs.sort(key=lambda r: (r.engine != "hand", order[r.data], r.fused, r.norm))
+    refs.sort(key=lambda r: (r.engine != "hand", order[r.data], r.fused, r.norm, r.checked))
     return {s.name: s for s in refs + main}
 
 
@@ -419,7 +435,8 @@ def select(variants: dict[str, Spec], spec: str) -> dict[str, Spec]:
         return dict(variants)
     chosen = {k for k in variants if any(s in k.lower() for s in keys)}
     for k in list(chosen):
-        for r in (reference(variants[k]), plain_reference(variants[k]), mean_norm_reference(variants[k])):
+        for r in (reference(variants[k]), plain_reference(variants[k]), unchecked_reference(variants[k]),
+                  mean_norm_reference(variants[k])):
             if r is not None and r.name in variants:
                 chosen.add(r.name)
     return {k: v for k, v in variants.items() if k in chosen}
@@ -477,12 +494,31 @@ def hand_loader(ds: Dataset, data: str, run: Run):
     return loader, sampler.set_epoch
 
 
-def hand_written(w: Workload, run: Run, fused: bool = False, data: str = PER_SAMPLE, norm: str = "mean") -> list[float]:
+def apply_if_finite(opt: torch.optim.Optimizer, params: list[nn.Parameter], found: torch.Tensor,
+                    one: torch.Tensor, loss: Optional[torch.Tensor] = None) -> None:
+    """opt.step() unless `found` (1: some rank's loss was not finite), `loss` or a gradient is NaN/inf:
+    one device-side pass (the AMP check with a factor of 1, values unchanged), the flag handed to a
+    fused optimizer as found_inf (skipped on the device, no host sync); an unfused one needs the host."""
+    checked = [p.grad for p in params if p.grad is not None] + ([loss.detach()] if loss is not None else [])
+    torch._amp_foreach_non_finite_check_and_unscale_(checked, found, one)
+    if opt.defaults.get("fused"):
+        opt.grad_scale, opt.found_inf = None, found.reshape(())
+        opt.step()
+    elif not found.item():  # host sync: an unfused kernel cannot skip a step on the device
+        opt.step()
+
+
+def hand_written(w: Workload, run: Run, fused: bool = False, data: str = PER_SAMPLE, norm: str = "mean",
+                 checked: bool = False) -> list[float]:
     """The loop a user writes by hand: DataLoader, forward, loss, backward, step (DDP under torchrun).
     norm="exact" (DDP): the loss is weighted by this rank's sample count over the global count, an
-    all_reduce per step, so the gradient is that of the global batch whatever the ranks' counts."""
+    all_reduce per step, so the gradient is that of the global batch whatever the ranks' counts.
+    checked: a step whose loss (on any rank) or gradient is not finite is not applied (as trainlib;
+    under DDP with exact norm the loss flag rides in the sample count's all_reduce)."""
     dev = run.device
     rank, world = _rank_world()
+    if checked and world > 1 and norm != "exact":
+        raise ValueError("a checked DDP loop needs exact norm (its all_reduce carries the ranks' loss flags)")
     torch.manual_seed(0)
     model = w.make_model().to(dev)
     net: nn.Module = model
@@ -492,6 +528,7 @@ def hand_written(w: Workload, run: Run, fused: bool = False, data: str = PER_SAM
     opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0, fused=fused)
     loader, set_epoch = hand_loader(w.dataset, data, run)
     exact = norm == "exact" and world > 1
+    params, one = list(model.parameters()), torch.ones(1, device=dev)
     clock = Clock(run)
     epoch = 0
     set_epoch(epoch)
@@ -507,13 +544,21 @@ def hand_written(w: Workload, run: Run, fused: bool = False, data: str = PER_SAM
         b = _to(b, dev)
         with _autocast(run):
             loss = _loss_value(w.loss_fn(w.forward(net, b), b))
+        found = None
         if exact:
             n = torch.tensor(float(_batch_len(b)), device=dev)
-            total = n.clone()
+            # [count, 0 if the loss is finite else NaN] summed over ranks (x * 0 is NaN for inf/NaN)
+            total = torch.stack([n, loss.detach().float() * 0]) if checked else n.clone()
             torch.distributed.all_reduce(total)
+            if checked:
+                total, found = total[0], torch.isnan(total[1:]).float()
             loss = loss * (n * world / total)  # DDP averages over ranks: sum_r n_r loss_r / total
         loss.backward()
-        opt.step()
+        if checked:
+            apply_if_finite(opt, params, torch.zeros(1, device=dev) if found is None else found, one,
+                            None if exact else loss)
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         clock.tick()
     return clock.stamps
@@ -671,7 +716,7 @@ def run_spec(s: Spec, w: Workload, run: Run) -> tuple[list[float], dict]:
     if s.engine == "hand":
         if s.ddp != (_rank_world()[1] > 1):
             raise RuntimeError(f"{s.name}: {'needs' if s.ddp else 'must not run under'} torchrun")
-        return hand_written(w, run, s.fused, s.data, s.norm), {"fused": s.fused}
+        return hand_written(w, run, s.fused, s.data, s.norm, s.checked), {"fused": s.fused}
     if s.engine == "hand-graph":
         return hand_graphed(w, run, compile_model=dict(s.flags).get("compile", False)), {"fused": True}
     if s.engine == "trainlib":
@@ -877,6 +922,8 @@ def ratio_refs(s: Spec, specs: dict[str, Spec], gpu: bool) -> dict[str, Optional
     def named(r):
         return r.name if r is not None and r.name in specs and r.name != s.name else None
     cols = {"vs reference": named(reference(s)), "vs plain loop": named(plain_reference(s))}
+    if not s.ddp:
+        cols["vs unchecked loop"] = named(unchecked_reference(s))
     if s.ddp:
         cols["vs mean-norm loop"] = named(mean_norm_reference(s))
     cols["Lightning / this"] = LIGHTNING if LIGHTNING in specs and LIGHTNING != s.name else None
@@ -915,7 +962,7 @@ def format_table(rows: list[dict], gpu: bool, ddp: bool = False, lightning: bool
     def f(x, spec, suffix=""):
         return "-" if x is None else f"{x:{spec}}{suffix}"
 
-    cols = ["vs reference", "vs plain loop"] + (["vs mean-norm loop"] if ddp else []) + \
+    cols = ["vs reference", "vs plain loop"] + (["vs mean-norm loop"] if ddp else ["vs unchecked loop"]) + \
         (["Lightning / this"] if lightning else []) + (["vs hand graph"] if gpu else [])
     head = ["#", "variant", "optimizer", "data"] + (["norm"] if ddp else []) + [unit]
     head += [] if instructions else ["spread", "peak GiB"]

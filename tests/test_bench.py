@@ -57,11 +57,18 @@ def test_every_ratio_divides_by_the_same_kernel_and_data_path(device, model, ddp
         assert ref.engine in ("hand", "hand-graph")
         assert (ref.fused, ref.data, ref.ddp) == (s.fused, s.data, s.ddp), (s.name, ref.name)
         assert ref.norm == s.norm  # DDP: trainlib's exact normalisation against the hand loop doing the same
+        # trainlib never applies a non-finite step: its reference keeps that promise too (Lightning's does not)
+        assert ref.checked == (s.engine == "trainlib" and s.data != bench.DEVICE), (s.name, ref.name)
         plain = variants[refs["vs plain loop"]]
-        assert (plain.engine, plain.fused, plain.data, plain.norm) == ("hand", False, bench.PER_SAMPLE, "mean")
+        assert (plain.engine, plain.fused, plain.data, plain.norm, plain.checked) == (
+            "hand", False, bench.PER_SAMPLE, "mean", False)
         if ddp:
             mean = variants[refs["vs mean-norm loop"]]
-            assert (mean.fused, mean.data, mean.norm) == (s.fused, s.data, "mean")
+            assert (mean.fused, mean.data, mean.norm, mean.checked) == (s.fused, s.data, "mean", False)
+            assert "vs unchecked loop" not in refs
+        elif ref.checked:  # what the check costs: the same loop without it
+            bare = variants[refs["vs unchecked loop"]]
+            assert (bare.engine, bare.fused, bare.data, bare.checked) == ("hand", s.fused, s.data, False)
         if refs.get("Lightning / this"):
             light = variants[refs["Lightning / this"]]
             assert (light.engine, light.fused, light.data) == ("lightning", False, bench.PER_SAMPLE)
@@ -85,7 +92,7 @@ def test_variant_filter_keeps_references():
     assert list(bench.select(cpu, " HAND-written ")) == [k for k in cpu if k.startswith("hand-written")]
     got = bench.select(cpu, "TENSORDATASET")
     assert list(got) == ["hand-written, per-sample", "hand-written, fused, batch fetch",
-                         "trainlib default, batch fetch (TensorDataset)"]
+                         "hand-written, fused, batch fetch, checked", "trainlib default, batch fetch (TensorDataset)"]
     assert bench.select(cpu, "") == cpu
 
 
@@ -118,20 +125,24 @@ def test_hand_loop_reads_through_the_same_path_as_trainlib(tmp_path, data):
 
 def test_ratios_and_table():
     v = bench.all_variants(CPU, "mlp")
-    ref, tl = "hand-written, fused, per-sample seeded", "trainlib, per-sample seeded"
+    ref, tl = "hand-written, fused, per-sample seeded, checked", "trainlib, per-sample seeded"
+    bare = "hand-written, fused, per-sample seeded"
     times = {k: [] for k in v}
-    times.update({bench.HAND: [10.0, 12.0, 11.0], ref: [8.0], tl: [8.8], "trainlib unfused, per-sample seeded": []})
+    times.update({bench.HAND: [10.0, 12.0, 11.0], ref: [8.0], bare: [7.7], tl: [8.8],
+                  "trainlib unfused, per-sample seeded": []})
     rows = {r["variant"]: r for r in bench.summarize(v, times, {k: None for k in v}, gpu=False)}
     assert rows[tl]["ms"] == 8.8
-    assert rows[tl]["ratios"]["vs reference"] == pytest.approx(1.1)   # / hand-written fused, seeded
+    assert rows[tl]["ratios"]["vs reference"] == pytest.approx(1.1)   # / hand-written fused, seeded, checked
     assert rows[tl]["ratios"]["vs plain loop"] == pytest.approx(0.8)  # / hand-written loop (median 11)
+    assert rows[tl]["ratios"]["vs unchecked loop"] == pytest.approx(8.8 / 7.7)
     assert rows[tl]["refs"]["vs reference"] == list(v).index(ref) + 1
     assert rows[bench.HAND]["min"] == 10.0 and rows[bench.HAND]["max"] == 12.0
     lines = bench.format_table(list(rows.values()), gpu=False)
-    assert lines[0].split()[:2] == ["#", "variant"] and lines[0].rstrip().endswith("vs plain loop")
+    assert lines[0].split()[:2] == ["#", "variant"] and lines[0].rstrip().endswith("vs unchecked loop")
     assert len({len(line) for line in lines}) == 1  # fixed width: pastes as one aligned block
     row = next(line for line in lines if tl + " " in line).split()
-    assert row[-4:] == ["1.100x", f"[{list(v).index(ref) + 1}]", "0.800x", f"[{list(v).index(bench.HAND) + 1}]"]
+    assert row[-6:] == ["1.100x", f"[{list(v).index(ref) + 1}]", "0.800x", f"[{list(v).index(bench.HAND) + 1}]",
+                        "1.143x", f"[{list(v).index(bare) + 1}]"]
     assert "failed" in next(line for line in lines if "trainlib unfused" in line)
 
 
@@ -192,7 +203,8 @@ def test_tiny_cpu_run_one_process_per_variant(capsys):
     assert "device=cpu" in header and "batch=32" in header and "one process per variant run" in header
     rows = {line.split("  ")[1].strip(): line for line in out.splitlines() if line[:3].strip().isdigit()}
     assert set(rows) == {"hand-written, per-sample", "hand-written, fused, per-sample",
-                         "hand-written, per-sample seeded", "trainlib, per-sample (random_fetch=False)",
+                         "hand-written, fused, per-sample, checked", "hand-written, per-sample seeded",
+                         "hand-written, per-sample seeded, checked", "trainlib, per-sample (random_fetch=False)",
                          "trainlib unfused, per-sample seeded"}
     assert "x [" in rows["trainlib unfused, per-sample seeded"]
 
@@ -205,7 +217,7 @@ def test_tiny_ddp_run_prints_one_table():
     assert "failed" not in r.stdout and "run summary" not in r.stdout, r.stdout
     rows = [line for line in r.stdout.splitlines() if line[:3].strip().isdigit()]
     names = [line.split("  ")[1].strip() for line in rows]
-    assert names == ["hand-written DDP, per-sample", "hand-written DDP, fused, per-sample, exact norm",
+    assert names == ["hand-written DDP, per-sample", "hand-written DDP, fused, per-sample, exact norm, checked",
                      "hand-written DDP, fused, per-sample", "trainlib DDP, per-sample (random_fetch=False)"]
     assert rows[-1].rstrip().endswith("x [3]") and "x [2]" in rows[-1]  # vs exact-norm ref and vs mean-norm
 
@@ -217,3 +229,28 @@ def test_gpu_hand_written_graph_variants_run(capsys):
     out = capsys.readouterr().out
     assert "failed" not in out, out
     assert "hand-written compile+graph" in out and "vs hand graph" in out
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("cause", ["loss", "grad"])
+def test_the_checked_hand_loop_never_applies_a_nonfinite_step(fused, cause):
+    """The like-for-like reference keeps trainlib's promise: a step whose loss (finite gradients) or
+    gradient (finite loss) is NaN/inf leaves the weights as they were; the unchecked loop does not."""
+    def run(checked):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 10)
+
+        def loss(out, b):
+            ce = torch.nn.functional.cross_entropy(out, b[1])
+            return ce + float("nan") if cause == "loss" else ce + torch.sqrt(0 * model.weight.sum())
+
+        w = bench.Workload(lambda: model, bench.mlp_workload(4, 3).dataset, loss, lambda m, b: m(b[0]))
+        before = {k: t.clone() for k, t in model.state_dict().items()}
+        bench.hand_written(w, bench.Run(CPU, 4, 3, 1, 1e-2, "32-true"), fused=fused, data=bench.SEEDED,
+                           checked=checked)
+        return before, model.state_dict()
+
+    before, after = run(checked=True)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    before, after = run(checked=False)
+    assert not all(torch.equal(before[k], after[k]) for k in before)

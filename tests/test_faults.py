@@ -115,6 +115,8 @@ def run_poisoned(tmp_path, name, mode, cause="data", optimizer="adamw", **traine
             rec.poisoned.append(t.global_step + 1)  # the step this micro-batch belongs to
             if cause == "grad":
                 loss = loss + torch.sqrt(0 * t.model.weight.sum())
+            if cause == "loss":  # the loss is NaN, every gradient finite: the check must read the loss too
+                loss = loss + float("nan")
         return loss
 
     torch.manual_seed(0)
@@ -130,7 +132,8 @@ def same_state(a, b):
         torch.equal(x[k], y[k]) for x, y in zip(a[1], b[1]) for k in x)
 
 
-@pytest.mark.parametrize("cause,optimizer", [("data", "adamw"), ("grad", "adamw"), ("data", "sgd"), ("grad", "sgd")])
+@pytest.mark.parametrize("cause,optimizer", [("data", "adamw"), ("grad", "adamw"), ("loss", "adamw"), ("data", "sgd"),
+                                             ("grad", "sgd"), ("loss", "sgd")])
 def test_a_nonfinite_step_is_never_applied_and_skip_goes_on(tmp_path, cause, optimizer):
     t, rec = run_poisoned(tmp_path, "skip", "skip", cause, optimizer)
     assert t.epoch == 8 and not t.should_stop and len(rec.poisoned) == 8  # one poisoned batch per epoch

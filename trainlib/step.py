@@ -68,9 +68,12 @@ def host_group(env: DistEnv) -> Any:
 
 
 def local_stats(items: list[tuple]) -> torch.Tensor:
-    """[sum of the micro-batches' weights, 1 if any loss is not finite] of this rank's step window."""
-    bad = (~torch.isfinite(torch.stack([it[0].float() for it in items]))).any().float()
-    return torch.stack([torch.stack([it[1] for it in items]).sum(), bad])
+    """[sum of the micro-batches' weights, 0 if every loss is finite else NaN] of this rank's step
+    window: x * 0 is NaN exactly when x is inf or NaN, and a sum holding a NaN is NaN, so summing
+    this over ranks flags "some loss was not finite" exactly, in few ops (#17)."""
+    if len(items) == 1:
+        return torch.stack([items[0][1], items[0][0].detach().float() * 0])
+    return torch.stack([torch.stack([it[1] for it in items]).sum(), torch.stack([it[0].detach().float() for it in items]).sum() * 0])
 
 
 def all_reduce_mean(params: list[torch.Tensor], world: int, stats: torch.Tensor) -> torch.Tensor:
@@ -141,7 +144,8 @@ class LossUnpacker:
         self.loss_fn = loss_fn
         self._weights: dict[float, torch.Tensor] = {}
 
-    def __call__(self, outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def __call__(self, outputs: Any, batch: Any, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """`n`: the batch's sample count when the caller already has it (default weight)."""
         out = self.loss_fn(outputs, batch)
         if isinstance(out, dict):
             if "loss" not in out:
@@ -151,7 +155,7 @@ class LossUnpacker:
         else:
             loss, weight, parts = out, None, {}
         if weight is None:
-            weight = batch_size_of(batch)
+            weight = batch_size_of(batch) if n is None else n
         if isinstance(weight, torch.Tensor):
             return loss, weight.to(device=loss.device, dtype=torch.float32, non_blocking=True), parts
         w = self._weights.get(weight)
@@ -213,14 +217,15 @@ class TrainStep:
         self.splits = splits
         self.normalise = self.base_normalise or splits > 1
 
-    def __call__(self, batches: list[Any]) -> tuple[list[tuple], torch.Tensor]:
+    def __call__(self, batches: list[Any], sizes: list[int] | None = None) -> tuple[list[tuple], torch.Tensor]:
+        """`sizes`: each batch's sample count, when the caller counted them already (the trainer's meter)."""
         if self.oom_recovery:
             return self.recovering_step(batches)
         if self.use_graphs and self.graphs is None:
             graphs.make_capturable(self.optimizer, self.device)
             self.graphs = graphs.StepGraphs(self.packed_step, self.device, self.wrapped.ddp)
         if self.graphs is None:
-            return self.device_step(batches)
+            return self.device_step(batches, sizes=sizes)
         packed = self.graphs(batches)
         k, names = len(batches), self.part_names
         parts = {p: packed[(2 + j) * k:(3 + j) * k] for j, p in enumerate(names)}
@@ -247,7 +252,8 @@ class TrainStep:
                         f"halved to {math.ceil(per / self.splits)} sample(s), {len(batches) * self.splits} "
                             "micro-batches per step (same global batch and gradient); retrying the step")
 
-    def device_step(self, batches: list[Any], recover: bool = False) -> tuple[list[tuple], torch.Tensor] | None:
+    def device_step(self, batches: list[Any], recover: bool = False,
+                    sizes: list[int] | None = None) -> tuple[list[tuple], torch.Tensor] | None:
         """Forward/backward of every micro-batch (DDP and FSDP sync on the last only), then the
         optimizer step. Device work only, so it can be captured in a CUDA graph. With `recover`
         (oom_recovery) no collective runs inside forward/backward: the ranks first agree that none
@@ -265,7 +271,7 @@ class TrainStep:
                         torch.compiler.cudagraph_mark_step_begin()
                     with self.autocast:
                         outputs = self.forward_fn(w.train_module, batch)
-                        loss, weight, parts = self.unpack(outputs, batch)
+                        loss, weight, parts = self.unpack(outputs, batch, sizes[j] if sizes else None)
                     objective = loss if loss.dtype == torch.float32 else loss.float()
                     if self.normalise:
                         objective = objective * weight
@@ -326,37 +332,43 @@ class TrainStep:
         (on any rank) or gradient is not finite is never applied: returns that device flag. No host
         sync, except fp16's GradScaler with an unfused optimizer, and an optimizer without a fused
         kernel whose step must be skipped from the host (marked below)."""
-        dev, env = self.device, self.env
-        stats = local_stats(window)
+        dev, env, scaler = self.device, self.env, self.scaler
         if self.reduced is not None:  # already reduced with the gradients (DDP's carrier, oom_recovery)
             stats, self.reduced = self.reduced, None
         elif env.distributed:  # one device-side reduce (world > 1 always normalises); DDP already averaged the grads
+            stats = local_stats(window)
             torch_dist.all_reduce(stats)
-        total = stats[0] if self.normalise else None
-        bad = (stats[1] > 0).float()
-        scaler = self.scaler
+        else:  # one process: the losses join the gradients' non-finite check below (fewer ops: #17)
+            stats = None
+        if stats is not None:
+            total, bad = stats[0], torch.isnan(stats[1]).float()
+        else:
+            total = None if not self.normalise else window[0][1] if len(window) == 1 else \
+                torch.stack([it[1] for it in window]).sum()
+            bad = None
         if scaler:
             scaler.unscale_(self.optimizer)  # fp16 overflow is the scaler's to skip (not counted as bad)
         grads = [fsdp.local(p.grad) for p in self.params if p.grad is not None]
-        found = None
+        losses = [it[0] for it in window] if stats is None else []
+        # the check multiplies in place: by the normalising factor for the gradients, by 1 for the losses
+        found = torch.zeros(1, device=dev)  # any gradient (without a scaler) or, one process, any loss not finite
+        check = torch._amp_foreach_non_finite_check_and_unscale_
         if total is not None and grads:  # normalise and check in one pass over the gradients
-            found = torch.zeros(1, device=dev)
-            torch._amp_foreach_non_finite_check_and_unscale_(
-                grads, found, (env.world_size / total.clamp_min(1e-12)).float().reshape(1))
+            if scaler:  # the scaler's overflow check already covers the gradients: this pass only scales
+                check(grads, torch.zeros(1, device=dev), (env.world_size / total.clamp_min(1e-12)).float().reshape(1))
+            else:
+                check(grads, found, (env.world_size / total.clamp_min(1e-12)).float().reshape(1))
+                if self.wrapped.sharded:  # each rank checked its own shards: the verdict must be global
+                    torch_dist.all_reduce(found, op=torch_dist.ReduceOp.MAX)
+            if losses:
+                check(losses, found, self.one)
+        elif losses or (grads and scaler is None):  # a factor of 1: exact, and ~20x cheaper on CPU than an inf-norm
+            check(losses + (grads if scaler is None else []), found, self.one)
+        bad = found.reshape(()) if bad is None else torch.maximum(bad, found.reshape(()))
         norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip > 0 else None
         if self.norm_type:  # trainer.track_grad_norm: the clipping's norm when it is the same type (pre-clip)
             self.grad_norm = fsdp.full(norm if norm is not None and self.norm_type == 2 else nn.utils.get_total_norm(
                 [p.grad for p in self.params if p.grad is not None], self.norm_type))  # (FSDP: a replicated DTensor)
-        if scaler is None and grads:
-            if found is None:  # one process, one micro-batch: nothing has read the gradients yet
-                if norm is not None:  # the clipping's norm is non-finite exactly when a gradient is
-                    found = (~torch.isfinite(norm)).float()
-                else:  # the AMP check with a factor of 1: exact, and ~20x cheaper on CPU than an inf-norm
-                    found = torch.zeros(1, device=dev)
-                    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self.one)
-            elif self.wrapped.sharded:  # each rank checked its own shards: the verdict must be global
-                torch_dist.all_reduce(found, op=torch_dist.ReduceOp.MAX)
-            bad = torch.maximum(bad, found.reshape(()))
         not_applied = bad
         if scaler:
             infs = list(scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values())

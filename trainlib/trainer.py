@@ -265,11 +265,12 @@ class Trainer:
                 console.advance()
             if i % k and i != n:  # the step's window is not full yet (the epoch's last may be shorter)
                 continue
-            meter.add(batch_size_of(window[0]) if k == 1 else sum(batch_size_of(b) for b in window))
+            sizes = [batch_size_of(b) for b in window]  # counted once: the meter and the loss's default weight
+            meter.add(sum(sizes))
             if self.peak_flops and self.flops_per_sample is None:
                 self.flops_per_sample = flops.train_flops_per_sample(
-                    self.model, self.forward_fn, window[0], batch_size_of(window[0]), self.precision.autocast())
-            self.stats.add(*self.step(window))  # no host sync
+                    self.model, self.forward_fn, window[0], sizes[0], self.precision.autocast())
+            self.stats.add(*self.step(window, sizes))  # no host sync
             self.schedule.step()  # host math; fills the device lr tensor a captured step reads
             window = []
             st.global_step += 1
