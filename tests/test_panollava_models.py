@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from recipes.panollava import lm_from_pretrained, vision_from_pretrained  # noqa: E402
+from trainlib.checkpoint import CheckpointError  # noqa: E402
 from trainlib.config import ConfigError  # noqa: E402
 
 TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -140,7 +141,7 @@ def test_checkpoint_folders_for_another_architecture_are_named(tmp_path):
     _qwen(tmp_path / "q", tied=True)
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     (tmp_path / "q" / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
-    with pytest.raises(ValueError, match=r"q: the checkpoint does not fit this architecture; shape .*mlp"):
+    with pytest.raises(CheckpointError, match=r"q does not fit this model .*shape mismatch \(\d+\): .*mlp"):
         lm_from_pretrained(tmp_path / "q")
 
 

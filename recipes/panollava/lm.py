@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainlib.checkpoint import load_model_state
 from trainlib.config import ConfigError
 
 
@@ -328,17 +329,11 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy a checkpoint's tensors into `module` by name; missing or mis-shaped ones end in one
-    message naming the folder and the first keys."""
+    """Copy a Hugging Face folder's tensors into `module` by name: the engine's strict load
+    (trainlib.checkpoint.load_model_state: missing and mis-shaped keys named in one message) over
+    the tensors the module has (a full SiglipModel folder also holds the text tower)."""
     own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or wrong:
-        raise ConfigError(f"{source}: the checkpoint does not fit this architecture"
-                         + (f"; missing {missing[:4]}{' ...' if len(missing) > 4 else ''}" if missing else "")
-                         + (f"; shape {wrong[:3]}" if wrong else ""))
-    module.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
+    load_model_state(module, {k: v for k, v in state.items() if k in own}, source)
 
 
 def lm_from_pretrained(folder: str | Path, dtype: torch.dtype = torch.float32) -> Qwen2LM:
