@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from trainlib import DataConfig, Metric, OptimConfig, Recipe, Trainer, TrainerConfig  # noqa: E402
+from trainlib.config import ConfigError  # noqa: E402
 from trainlib.recipe import exit_process, main  # noqa: E402
 
 V, C = 4, 3  # views, classes
@@ -194,3 +195,9 @@ def test_a_recipe_may_build_its_own_optimizer_and_scheduler(tmp_path):
     assert isinstance(t.optimizer, torch.optim.RMSprop) and t.optimizer.defaults["lr"] == 0.01
     t.fit()
     assert seen["total"] == 16 and t.schedule.lrs == [pytest.approx(0.01 / 17)]  # 2 epochs x 8 steps
+
+
+def test_a_recipe_without_a_loss_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"recipe 'views': give loss\(outputs, batch\) or build_loss\(cfg\); got neither"):
+        Recipe(name="views", model_config=NoModelKeys, data_config=DataConfig, build_model=lambda cfg: ViewPool(),
+               build_datasets=lambda cfg: {})

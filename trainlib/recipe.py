@@ -40,8 +40,8 @@ class Recipe:
     data_config: type                       # dataclass of the `data` section (subclass of DataConfig)
     build_model: Callable[[Any], Any]       # (cfg: Config) -> nn.Module
     build_datasets: Callable[[Any], dict]   # (cfg) -> {"train": ds, "val": ds, "test": ds (optional)}
-    loss: Callable[[Any, Any], Any]         # (outputs, batch) -> Tensor | {"loss": t, "weight": n, ...parts}
-    build_loss: Optional[Callable[[Any], Callable]] = None    # (cfg) -> loss; wins over `loss` when the loss depends on cfg
+    loss: Optional[Callable[[Any, Any], Any]] = None      # (outputs, batch) -> Tensor | {"loss": t, "weight": n, ...parts}
+    build_loss: Optional[Callable[[Any], Callable]] = None    # (cfg) -> loss, when it depends on cfg (wins over `loss`)
     metrics: Callable[[Any], list] = lambda cfg: []          # (cfg) -> [Metric, ...]
     forward: Optional[Callable[[Any, Any], Any]] = None      # (model, batch) -> outputs
     predict: Optional[Callable[[Any, Any], Any]] = None      # (model, batch) -> what the metrics see at evaluation (all
@@ -72,6 +72,10 @@ class Recipe:
     #                                        logged at every validation (PNG files, TensorBoard, wandb)
     config_file: Optional[Callable[[dict, str], dict]] = None  # (a config file's mapping, its path) -> the mapping
     #                                        in trainlib's sections: reads the seed project's own config-file shape
+
+    def __post_init__(self) -> None:
+        if self.loss is None and self.build_loss is None:
+            raise ConfigError(f"recipe {self.name!r}: give loss(outputs, batch) or build_loss(cfg); got neither")
 
 
 # ------------------------------------------------------------------------------------------------

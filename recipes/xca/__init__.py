@@ -96,7 +96,6 @@ recipe = Recipe(
     data_config=XCAData,
     build_model=build_model,
     build_datasets=build_datasets,
-    loss=lambda outputs, batch: outputs,  # (build_loss wins: the loss depends on model.arch_name)
     build_loss=lambda cfg: loss_fn(cfg.model.arch_name, cfg.model.bce_weight),
     metrics=lambda cfg: [VesselMetrics(cfg.model.threshold)],
     forward=forward,
