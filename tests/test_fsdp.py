@@ -113,3 +113,20 @@ def test_fsdp_config_errors(tmp_path):
         make_trainer([f"trainer.out_dir={tmp_path}", "trainer.strategy=fsdp", "trainer.fsdp_min_params=0"], ToyData(16))
     with pytest.raises(ConfigError, match="config key 'trainer.strategy': expected one of ddp, fsdp, none, got 'deepspeed'"):
         make_trainer([f"trainer.out_dir={tmp_path}", "trainer.strategy=deepspeed"], ToyData(16))
+
+
+@pytest.mark.parametrize("val_n", [17, 1])
+def test_evaluation_with_unequal_batch_counts_per_rank_ends_and_scores_every_sample_once(tmp_path, val_n):
+    """17 samples in batches of 8 on 2 ranks: 2 batches on rank 0, 1 on rank 1 (1 sample: none on
+    rank 1). Each forward is an all-gather under FSDP, so the rank with fewer batches must keep pace
+    (without that, rank 0's last forward waits until the process group times out)."""
+    weights, _ = run(tmp_path, "uneven", [*FSDP, f"--toy-val_n={val_n}", "trainer.ddp_timeout=60"], epochs=1)
+    model = toy_model()
+    model.load_state_dict(weights)
+    data = ToyData(val_n, seed=1)
+    with torch.no_grad():
+        batch = {k: torch.stack([data[i][k] for i in range(val_n)]) for k in ("x", "y", "valid")}
+        err = ((model(batch["x"]) - batch["y"]) ** 2).squeeze(-1) * batch["valid"]
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "uneven" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r["split"] == "val"][-1]
+    assert val["loss"] == pytest.approx(float(err.sum() / batch["valid"].sum()), rel=1e-5)

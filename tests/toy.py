@@ -139,7 +139,7 @@ def make_trainer(overrides: list[str], data: ToyData | None = None, model: nn.Mo
 
 
 def split_toy_flags(argv: list[str]) -> tuple[dict[str, float], list[str]]:
-    """--toy-NAME=VALUE flags (augment, dropout, delay, buffer_mb, n, ragged, freeze_last, lr_tensor, fake_graphs,
+    """--toy-NAME=VALUE flags (augment, dropout, delay, buffer_mb, n, val_n, ragged, freeze_last, lr_tensor, fake_graphs,
     blocks, freeze, oom_above, oom_step, oom_rank, count_all_reduce) vs trainer overrides."""
     flags, rest = {}, []
     for a in argv:
@@ -181,6 +181,8 @@ if __name__ == "__main__":
         Path.mkdir = read_only
     model = toy_model(dropout=flags.get("dropout", 0.0), buffer_mb=int(flags.get("buffer_mb", 0)))
     kw: dict = {"collate_fn": ragged_collate} if ragged else {}
+    if "val_n" in flags:  # --toy-val_n=N: a validation split of N samples (ranks may hold unequal batch counts)
+        kw["val_data"] = ToyData(int(flags["val_n"]), seed=1)
     if flags.get("blocks"):  # --toy-blocks=1: BlockNet with its blocks as the plan; --toy-freeze=1: part frozen
         model = BlockNet(freeze=bool(flags.get("freeze", 0)))
         kw["blocks"] = lambda m: [*m.blocks]

@@ -16,6 +16,10 @@ recipe's `PredictionWriter`: at the final test (end of fit, test_only) it sees e
 predicted outputs next to the metrics, then `write(run_dir, split)` runs on every rank (it may
 gather; rank 0 writes what is shared). Splits without labels (a challenge set: the Trainer's
 `predict_data`) are only predicted: no loss, no metrics, the writer alone.
+
+Under FSDP every forward is a collective (the layers' all-gathers), and an evaluation split is
+not padded (each sample scored once), so ranks can hold different numbers of batches: a rank that
+has run out repeats a batch, unscored, until every rank has run as many forwards (`batches`).
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ import torch
 import torch.distributed as torch_dist
 
 from .config import ConfigError
+from torch.utils.data import default_collate
+
 from .data import DevicePrefetcher, limit_batches, map_tensors, to_device
 from .dist import DistEnv
 from .metrics import MeanMetric, Metric
@@ -40,6 +46,38 @@ class PredictionWriter(Protocol):
 
     def update(self, outputs: Any, batch: Any) -> None: ...
     def write(self, run_dir: Path, split: str) -> None: ...
+
+
+def stand_in_batch(loader: Any) -> Any:
+    """A batch for a rank whose shard of the split is empty: the split's first sample."""
+    if hasattr(loader, "_gather"):  # DeviceLoader: already on the device
+        return loader._gather(loader.data, torch.zeros(1, dtype=torch.long, device=loader.device), [0])
+    if loader.batch_size is None:  # fetched a batch at a time (BatchFetch)
+        return loader.collate_fn(loader.dataset[[0]])
+    return (loader.collate_fn or default_collate)([loader.dataset[0]])
+
+
+def batches(loader: Any, n: int, device: torch.device, env: DistEnv, sharded: bool) -> Any:
+    """(batch, scored) for the first `n` batches of `loader` on the device; under FSDP with several
+    ranks, then (batch, False) repeats until this rank has run as many forwards as the rank with
+    the most batches (else that rank's next all-gather would wait forever). The counts are agreed
+    before the first forward: a forward's all-gathers must meet their peers' in the same order."""
+    mine = min(n, len(loader))
+    extra = 0
+    if sharded and env.distributed:
+        most = torch.tensor([mine], device=device)
+        torch_dist.all_reduce(most, op=torch_dist.ReduceOp.MAX)
+        extra = int(most.item()) - mine  # host sync (before the split, once)
+    last = None
+    for i, batch in enumerate(DevicePrefetcher(loader, device)):
+        if i >= mine:
+            break
+        last = batch
+        yield batch, True
+    if extra and last is None:
+        last = to_device(stand_in_batch(loader), device)
+    for _ in range(extra):
+        yield last, False
 
 
 @torch.no_grad()
@@ -60,9 +98,7 @@ def evaluate(wrapped: Wrapped, loader: Any, n: int, forward_fn: Callable, unpack
     model, marks = wrapped.compiled, wrapped.mark_compiled_steps
     was_training = model.training
     model.eval()  # wrapped.model too: the compiled module holds it
-    for i, batch in enumerate(DevicePrefetcher(loader, device)):
-        if i >= n:
-            break
+    for batch, scored in batches(loader, n, device, env, wrapped.sharded):
         batch = precision.cast_batch(to_device(batch, device))
         with precision.autocast():
             predicted = predict_fn(wrapped.model, batch) if predict_fn else None
@@ -74,6 +110,8 @@ def evaluate(wrapped: Wrapped, loader: Any, n: int, forward_fn: Callable, unpack
                 outputs = forward_fn(model, batch)
                 if marks and not predict_fn:  # metrics may keep outputs; the next replay would overwrite them
                     outputs = map_tensors(outputs, torch.clone)
+            if not scored:  # FSDP: a forward only to keep pace with the ranks that still have batches
+                continue
             loss, weight, _ = unpack(outputs, batch)
         loss_mean.add(loss.float(), weight)
         for m in metrics:
@@ -105,12 +143,12 @@ def predict_unlabelled(t: Any) -> None:
         was_training = w.model.training
         w.model.eval()
         with t.ema.applied() if t.ema else contextlib.nullcontext():  # the averaged weights, when on
-            for i, batch in enumerate(DevicePrefetcher(loader, t.device)):
-                if i >= n:
-                    break
+            for batch, scored in batches(loader, n, t.device, t.env, w.sharded):
                 batch = t.precision.cast_batch(to_device(batch, t.device))
                 with t.precision.autocast():
-                    writer.update(t.predict_fn(w.model, batch) if t.predict_fn else t.forward_fn(w.model, batch), batch)
+                    outputs = t.predict_fn(w.model, batch) if t.predict_fn else t.forward_fn(w.model, batch)
+                if scored:
+                    writer.update(outputs, batch)
         w.model.train(was_training)
         writer.write(t.state.run_dir, split)
 
