@@ -348,7 +348,8 @@ class TrainStep:
             bad = None
         if scaler:
             scaler.unscale_(self.optimizer)  # fp16 overflow is the scaler's to skip (not counted as bad)
-        grads = [fsdp.local(p.grad) for p in self.params if p.grad is not None]
+        grads = [fsdp.local(p.grad) for p in self.params if p.grad is not None] if self.wrapped.sharded else \
+            [p.grad for p in self.params if p.grad is not None]
         losses = [it[0] for it in window] if stats is None else []
         # the check multiplies in place: by the normalising factor for the gradients, by 1 for the losses
         found = torch.zeros(1, device=dev)  # any gradient (without a scaler) or, one process, any loss not finite
