@@ -3,6 +3,7 @@ optimizer and scheduler, and the seed projects' flag names on the command line."
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -219,3 +220,32 @@ def test_a_failing_finder_releases_the_run_directory(tmp_path):
     with pytest.raises(ConfigError, match="optim.lr"):
         make_trainer([*common, "tune.auto_lr_find=true", "optim.lr=0"]).fit()
     make_trainer([*common, "trainer.overwrite=true"]).fit()  # the lock of the failed start is gone
+
+
+def _readers():
+    from recipes.panollava.data import load_panorama
+    from recipes.segformer.data import read_image, read_mask
+    from recipes.xca.data import read_gray
+    from trainlib.data import image_file_size
+
+    return {"image": read_image, "mask": read_mask, "label": lambda p: read_gray(p, "label"),
+            "panorama": lambda p: load_panorama(p, (8, 16)), "size": lambda p: image_file_size(p, "image")}
+
+
+@pytest.mark.parametrize("reader", ["image", "mask", "label", "panorama", "size"])
+@pytest.mark.parametrize("fault", ["bomb", "garbage"])
+def test_every_image_reader_ends_an_unreadable_file_in_one_line_naming_it(tmp_path, monkeypatch, reader, fault):
+    """A decompression bomb (over PIL's pixel limit: DecompressionBombError, not an OSError) or a
+    file that is no image: one DataError naming the file, from every recipe's reader."""
+    from PIL import Image
+
+    from trainlib.config import DataError
+
+    path = tmp_path / "x.png"
+    if fault == "bomb":
+        Image.fromarray(np.zeros((10, 10), np.uint8)).save(path)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # 100 pixels > 2 x 20: PIL refuses to open it
+    else:
+        path.write_bytes(b"not a png")
+    with pytest.raises(DataError, match=rf"{reader if reader != 'size' else 'image'} {path} cannot be read \("):
+        _readers()[reader](str(path))

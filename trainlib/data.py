@@ -7,6 +7,7 @@ samples it already consumed instead of replaying batches.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import random
@@ -202,18 +203,28 @@ def _no_collate(batch: Any) -> Any:
     return batch
 
 
-def image_file_size(path: str, what: str) -> tuple[int, int]:
-    """(width, height) of a user's image file from its header (no decoding), or one clear DataError
-    naming `what` (image, mask, label) and the file."""
+@contextlib.contextmanager
+def open_image(path: Any, what: str) -> Iterator[Any]:
+    """PIL's `Image.open(path)` for a user's file: what PIL cannot read (not an image, truncated, a
+    decompression bomb over PIL's pixel limit) ends in one DataError naming `what` (image, mask,
+    label, panorama) and the file. A DataError raised in the block passes through unchanged."""
     from PIL import Image, UnidentifiedImageError
 
     from .config import DataError
 
     try:
         with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError) as e:
+            yield im
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{what} {path} cannot be read ({e})") from None
+
+
+def image_file_size(path: str, what: str) -> tuple[int, int]:
+    """(width, height) of a user's image file from its header (no decoding), or one clear DataError."""
+    with open_image(path, what) as im:
+        return im.size
 
 
 def load_json(path: str, what: str, error: type[Exception] | None = None) -> Any:

@@ -57,6 +57,14 @@ def stand_in_batch(loader: Any) -> Any:
     return (loader.collate_fn or default_collate)([loader.dataset[0]])
 
 
+def rank0_buffers(model: torch.nn.Module, env: DistEnv) -> None:
+    """Each rank's last training forward updated its own BatchNorm statistics; evaluation (and the
+    checkpoint, the export) use rank 0's, so N processes score exactly what one process scores."""
+    if env.distributed:
+        for b in model.buffers():
+            torch_dist.broadcast(b, 0)
+
+
 def batches(loader: Any, n: int, device: torch.device, env: DistEnv, sharded: bool) -> Any:
     """(batch, scored) for the first `n` batches of `loader` on the device; under FSDP with several
     ranks, then (batch, False) repeats until this rank has run as many forwards as the rank with
@@ -90,11 +98,7 @@ def evaluate(wrapped: Wrapped, loader: Any, n: int, forward_fn: Callable, unpack
     for m in metrics:
         m.reset()
     loss_mean = MeanMetric("loss")
-    if env.distributed:
-        # Each rank's last training forward updated its own BatchNorm statistics; evaluate (and
-        # checkpoint) rank 0's, so N processes score exactly what one process scores.
-        for b in wrapped.model.buffers():
-            torch_dist.broadcast(b, 0)
+    rank0_buffers(wrapped.model, env)
     model, marks = wrapped.compiled, wrapped.mark_compiled_steps
     was_training = model.training
     model.eval()  # wrapped.model too: the compiled module holds it
@@ -137,9 +141,7 @@ def predict_unlabelled(t: Any) -> None:
     for split in t.predict_splits:
         writer, loader = t.prediction_writer(split), t.loaders[split]
         n = limit_batches(len(loader), t.fast_dev_run or 1.0)  # a predictions file is whole: not limit_val_batches
-        if t.env.distributed:  # rank 0's BatchNorm statistics, as evaluate() uses (and the exported model holds)
-            for b in w.model.buffers():
-                torch_dist.broadcast(b, 0)
+        rank0_buffers(w.model, t.env)
         was_training = w.model.training
         w.model.eval()
         with t.ema.applied() if t.ema else contextlib.nullcontext():  # the averaged weights, when on

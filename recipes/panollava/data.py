@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from trainlib.config import DataConfig, DataError, opt
+from trainlib.data import open_image
 
 from .text import encode_example
 
@@ -71,14 +72,11 @@ def resolve_image(url: str, csv_path: Path, root: Path, line: int) -> Path:
 def load_panorama(path: Path, hw: tuple[int, int]) -> torch.Tensor:
     from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (hw[1], hw[0]):
-                im = im.resize((hw[1], hw[0]), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read the panorama ({e})") from None
+    with open_image(path, "panorama") as im:
+        im = im.convert("RGB")
+        if im.size != (hw[1], hw[0]):
+            im = im.resize((hw[1], hw[0]), Image.BILINEAR)
+        arr = np.asarray(im, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 

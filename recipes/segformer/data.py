@@ -37,11 +37,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from trainlib.data import image_file_size, load_json
+from trainlib.data import image_file_size, load_json, open_image
 from trainlib.config import ConfigError, DataConfig, DataError, opt, rule
 
 IGNORE_INDEX = 255
@@ -106,24 +106,17 @@ def describe_label_set(num_labels: int, reduce_labels: bool) -> str:
 # Reading files
 
 def read_image(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"image {path} cannot be read ({e})") from None
+    with open_image(path, "image") as im:
+        return im.convert("RGB")
 
 
 def read_mask(path: str) -> np.ndarray:
     """[H, W] uint8 class indices of a single-channel mask file."""
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
-            if mode not in MASK_MODES:
-                raise DataError(f"mask {path} is a {mode} image: expected a single-channel PNG of class "
-                                f"indices (mode L or P)")
-            arr = np.asarray(im)
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"mask {path} cannot be read ({e})") from None
+    with open_image(path, "mask") as im:
+        if im.mode not in MASK_MODES:
+            raise DataError(f"mask {path} is a {im.mode} image: expected a single-channel PNG of class "
+                            f"indices (mode L or P)")
+        arr = np.asarray(im)
     if arr.dtype != np.uint8:
         if arr.size and (arr.min() < 0 or arr.max() > 255):
             raise DataError(f"mask {path} has values up to {int(arr.max())}: expected class indices 0..254 "

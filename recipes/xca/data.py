@@ -32,11 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import default_collate
 
 from trainlib.config import ConfigError, DataConfig, DataError, opt, rule
-from trainlib.data import image_file_size
+from trainlib.data import image_file_size, open_image
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -77,11 +76,8 @@ def _listing(items: list[str]) -> str:
 
 def read_gray(path: str, what: str) -> np.ndarray:
     """[H, W] raw values; multi-channel files give their first channel, as the seed's rgb_to_gray."""
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB") if im.mode == "P" else im)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"{what} {path} cannot be read ({e})") from None
+    with open_image(path, what) as im:
+        arr = np.asarray(im.convert("RGB") if im.mode == "P" else im)
     return arr[..., 0] if arr.ndim == 3 else arr
 
 
