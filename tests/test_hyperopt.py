@@ -393,3 +393,14 @@ def test_a_config_file_names_its_recipe(tmp_path):
     p.write_text("recipe: segformer\ntrainer: {max_epochs: 3}\n")
     with pytest.raises(ConfigError, match=f"config file {p} is for recipe segformer, but this study tunes recipe=pdan"):
         parse_args(["--config", str(p), "recipe=pdan"])
+
+
+def test_a_switch_in_the_space_is_named_with_the_key_to_search(tmp_path):
+    """mvfoul's --mixed_precision is a switch (trainer.precision=16-mixed), not a key with values."""
+    from trainlib.hpo import parse_args
+
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text("recipe: mvfoul\nhpo:\n  space:\n    mixed_precision: {type: categorical, choices: [true, false]}\n")
+    with pytest.raises(ConfigError, match=r"^hpo.space\['mixed_precision'\]: mixed_precision is a switch \(it sets "
+                                          r"trainer.precision=16-mixed\); search over trainer.precision instead$"):
+        parse_args(["--config", str(run_yaml)])

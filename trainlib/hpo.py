@@ -135,6 +135,12 @@ def parse_args(argv: list[str]) -> tuple[Setup | None, str]:
                           f"say hpo.direction=maximize or minimize")
     direction = h.direction or ("maximize" if cfg.trainer.mode == "max" else "minimize")
     aliases = {**ENGINE_ALIASES, **recipe.aliases}
+    switches = {k: v for k, v in aliases.items() if "=" in v}  # flags that set a value (--test_run): not searchable
+    aliases = {k: v for k, v in aliases.items() if k not in switches}
+    for key in (h.space or {}) if isinstance(h.space, dict) else ():
+        if key in switches:
+            raise ConfigError(f"hpo.space[{key!r}]: {key} is a switch (it sets {switches[key]}); "
+                              f"search over {switches[key].split('=', 1)[0]} instead")
     s = Setup(recipe=recipe, cfg=cfg, demo=demo, hpo=h, aliases=aliases, metric=metric, direction=direction)
     if h.space:
         h.space = check_space(h.space, cfg, aliases, "hpo.space")
