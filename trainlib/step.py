@@ -73,7 +73,8 @@ def local_stats(items: list[tuple]) -> torch.Tensor:
     this over ranks flags "some loss was not finite" exactly, in few ops (#17)."""
     if len(items) == 1:
         return torch.stack([items[0][1], items[0][0].detach().float() * 0])
-    return torch.stack([torch.stack([it[1] for it in items]).sum(), torch.stack([it[0].detach().float() for it in items]).sum() * 0])
+    weights, losses = torch.stack([it[1] for it in items]), torch.stack([it[0].detach().float() for it in items])
+    return torch.stack([weights.sum(), losses.sum() * 0])
 
 
 def all_reduce_mean(params: list[torch.Tensor], world: int, stats: torch.Tensor) -> torch.Tensor:
