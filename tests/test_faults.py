@@ -232,3 +232,16 @@ def test_a_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
     t.state.global_step = 1
     cb.on_validation_end(t.state, {"val/loss": 0.5})
     assert cb.top_k == [] and cb.best is None and not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_the_ranks_loss_flag_is_exact():
+    """local_stats' flag: NaN exactly when some loss is inf/NaN, never for large finite losses whose
+    sum overflows; a loss or weight of shape [1] is as good as a scalar."""
+    from trainlib.step import local_stats
+
+    t = torch.tensor
+    assert local_stats([(t(3e38), t(1.0)), (t(3e38), t(1.0))]).tolist() == [2.0, 0.0]
+    assert local_stats([(t([2.0]), t([4.0]))]).tolist() == [4.0, 0.0]
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        assert torch.isnan(local_stats([(t(1.0), t(1.0)), (t(bad), t(2.0))])[1])
+        assert torch.isnan(local_stats([(t(bad, dtype=torch.bfloat16), t(2.0))])[1])

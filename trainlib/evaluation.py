@@ -29,10 +29,9 @@ from typing import Any, Callable, Protocol
 
 import torch
 import torch.distributed as torch_dist
-
-from .config import ConfigError
 from torch.utils.data import default_collate
 
+from .config import ConfigError
 from .data import DevicePrefetcher, limit_batches, map_tensors, to_device
 from .dist import DistEnv
 from .metrics import MeanMetric, Metric

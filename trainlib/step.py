@@ -71,10 +71,10 @@ def local_stats(items: list[tuple]) -> torch.Tensor:
     """[sum of the micro-batches' weights, 0 if every loss is finite else NaN] of this rank's step
     window: x * 0 is NaN exactly when x is inf or NaN, and a sum holding a NaN is NaN, so summing
     this over ranks flags "some loss was not finite" exactly, in few ops (#17)."""
-    if len(items) == 1:
-        return torch.stack([items[0][1], items[0][0].detach().float() * 0])
+    if len(items) == 1:  # (a loss or weight of shape [1] is as good as a scalar)
+        return torch.stack([items[0][1].reshape(()), (items[0][0].detach().float() * 0).reshape(())])
     weights, losses = torch.stack([it[1] for it in items]), torch.stack([it[0].detach().float() for it in items])
-    return torch.stack([weights.sum(), losses.sum() * 0])
+    return torch.stack([weights.sum(), (losses * 0).sum()])  # (x * 0 first: finite losses cannot sum to inf)
 
 
 def all_reduce_mean(params: list[torch.Tensor], world: int, stats: torch.Tensor) -> torch.Tensor:
@@ -351,7 +351,8 @@ class TrainStep:
             scaler.unscale_(self.optimizer)  # fp16 overflow is the scaler's to skip (not counted as bad)
         grads = [fsdp.local(p.grad) for p in self.params if p.grad is not None] if self.wrapped.sharded else \
             [p.grad for p in self.params if p.grad is not None]
-        losses = [it[0] for it in window] if stats is None else []
+        # fp32 losses, after the gradients: the kernel groups by the first tensor's dtype, and CUDA's has no bf16
+        losses = [it[0].float() for it in window] if stats is None else []
         # the check multiplies in place: by the normalising factor for the gradients, by 1 for the losses
         found = torch.zeros(1, device=dev)  # any gradient (without a scaler) or, one process, any loss not finite
         check = torch._amp_foreach_non_finite_check_and_unscale_
@@ -365,7 +366,7 @@ class TrainStep:
             if losses:
                 check(losses, found, self.one)
         elif losses or (grads and scaler is None):  # a factor of 1: exact, and ~20x cheaper on CPU than an inf-norm
-            check(losses + (grads if scaler is None else []), found, self.one)
+            check((grads if scaler is None else []) + losses, found, self.one)
         bad = found.reshape(()) if bad is None else torch.maximum(bad, found.reshape(()))
         norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip > 0 else None
         if self.norm_type:  # trainer.track_grad_norm: the clipping's norm when it is the same type (pre-clip)
