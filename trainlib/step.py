@@ -357,12 +357,11 @@ class TrainStep:
         found = torch.zeros(1, device=dev)  # any gradient (without a scaler) or, one process, any loss not finite
         check = torch._amp_foreach_non_finite_check_and_unscale_
         if total is not None and grads:  # normalise and check in one pass over the gradients
-            if scaler:  # the scaler's overflow check already covers the gradients: this pass only scales
-                check(grads, torch.zeros(1, device=dev), (env.world_size / total.clamp_min(1e-12)).float().reshape(1))
-            else:
-                check(grads, found, (env.world_size / total.clamp_min(1e-12)).float().reshape(1))
-                if self.wrapped.sharded:  # each rank checked its own shards: the verdict must be global
-                    torch_dist.all_reduce(found, op=torch_dist.ReduceOp.MAX)
+            # with a scaler its own overflow check already covered the gradients: this pass only scales
+            check(grads, torch.zeros(1, device=dev) if scaler else found,
+                  (env.world_size / total.clamp_min(1e-12)).float().reshape(1))
+            if self.wrapped.sharded and not scaler:  # each rank checked its own shards: the verdict must be global
+                torch_dist.all_reduce(found, op=torch_dist.ReduceOp.MAX)
             if losses:
                 check(losses, found, self.one)
         elif losses or (grads and scaler is None):  # a factor of 1: exact, and ~20x cheaper on CPU than an inf-norm
