@@ -499,7 +499,7 @@ def apply_if_finite(opt: torch.optim.Optimizer, params: list[nn.Parameter], foun
     """opt.step() unless `found` (1: some rank's loss was not finite), `loss` or a gradient is NaN/inf:
     one device-side pass (the AMP check with a factor of 1, values unchanged), the flag handed to a
     fused optimizer as found_inf (skipped on the device, no host sync); an unfused one needs the host."""
-    checked = [p.grad for p in params if p.grad is not None] + ([loss.detach()] if loss is not None else [])
+    checked = [p.grad for p in params if p.grad is not None] + ([loss.detach().float()] if loss is not None else [])
     torch._amp_foreach_non_finite_check_and_unscale_(checked, found, one)
     if opt.defaults.get("fused"):
         opt.grad_scale, opt.found_inf = None, found.reshape(())
