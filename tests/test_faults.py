@@ -245,3 +245,36 @@ def test_the_ranks_loss_flag_is_exact():
     for bad in (float("inf"), float("-inf"), float("nan")):
         assert torch.isnan(local_stats([(t(1.0), t(1.0)), (t(bad), t(2.0))])[1])
         assert torch.isnan(local_stats([(t(bad, dtype=torch.bfloat16), t(2.0))])[1])
+
+
+class Amplify(torch.autograd.Function):
+    """Zero in the forward (the loss stays finite), x1e20 on the gradient in the backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1e20
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_a_gradient_that_overflows_only_when_normalised_is_never_applied(tmp_path, precision):
+    """The step's normalisation multiplies the gradients by 1 / total weight, and the non-finite check
+    reads a kernel's input (16-mixed: the GradScaler's check runs before it). With a tiny total
+    weight, sample 5's finite gradient (1e30; 16-mixed: 6.5e34 scaled) becomes inf only then: that
+    step is skipped and counted as non-finite, not applied."""
+    def loss_fn(out, batch):
+        loss = mse(out, batch)
+        if batch[2].sum() > 0:
+            loss = loss + Amplify.apply(Amplify.apply(t.model.weight)).sum()
+        return {"loss": loss, "weight": torch.tensor(1e-10)}
+
+    rec = StepRecorder()
+    torch.manual_seed(0)
+    t = Trainer(nn.Linear(4, 1), loss_fn, Poisoned("grad"), config=TrainerConfig(
+        max_epochs=2, out_dir=str(tmp_path), run_name="r", nonfinite="skip", precision=precision,
+        accumulate_grad_batches=2), optim=OptimConfig(lr=0.05), data=DataConfig(batch_size=8), callbacks=[rec])
+    t.fit()
+    assert t.skipped_steps == 2 and all(torch.isfinite(v).all() for v in t.model.state_dict().values())

@@ -33,8 +33,16 @@ def assert_close(a, b, atol=1e-6):
 
 def test_fsdp_trains_like_ddp_and_writes_the_same_checkpoint_layout(tmp_path):
     ddp, _ = run(tmp_path, "ddp", [])
-    sharded, r = run(tmp_path, "fsdp", FSDP)
+    sharded, r = run(tmp_path, "fsdp", [*FSDP, "--toy-count_all_reduce=1"])
     assert "trainer.strategy=fsdp: 3 sharding unit(s) over 2 ranks: 0, 2, <root>" in r.stdout
+    # per step: the [weight, loss flag] all-reduce runs during the last backward (async), and the
+    # one blocking collective is the gradient shards' non-finite verdict; [2] blocking: epoch ends only
+    for rank in (0, 1):
+        sizes = json.loads((tmp_path / "fsdp" / f"all_reduce_rank{rank}.json").read_text())
+        steps = json.loads((tmp_path / "fsdp" / f"end_rank{rank}.json").read_text())["step"]
+        per_step = sum(a == [2, True] and b == [1, False] for a, b in zip(sizes, sizes[1:]))
+        assert steps == 9 and sizes.count([2, True]) == per_step == steps, sizes[:12]
+        assert sizes.count([2, False]) == 3
     assert_close(ddp, sharded)  # reduce-scatter vs all-reduce: the same mean, other rounding
     # each rank holds its dim-0 shard of the 129 parameters and of the Adam moments (DDP: all of
     # them): 8 of the 16 rows of layer 0 (+ bias) each; the 1-row output layer sits on rank 0
@@ -130,3 +138,16 @@ def test_evaluation_with_unequal_batch_counts_per_rank_ends_and_scores_every_sam
     rows = [json.loads(x) for x in (tmp_path / "runs" / "uneven" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if r["split"] == "val"][-1]
     assert val["loss"] == pytest.approx(float(err.sum() / batch["valid"].sum()), rel=1e-5)
+
+
+def test_an_fp16_overflow_one_rank_finds_is_skipped_on_every_rank(tmp_path):
+    """16-mixed under FSDP: each rank's GradScaler checks only its own gradient shards. An overflow
+    found by rank 1 alone (injected at step 9) is agreed, so every rank skips that step and halves
+    its scale: the run equals one where every rank found it (unagreed, rank 0 applied the step and
+    the two ranks' loss scales parted)."""
+    fp16 = [*FSDP, "trainer.precision=16-mixed", "data.batch_size=4", "--toy-overflow_step=9"]
+    one, _ = run(tmp_path, "one", [*fp16, "--toy-overflow_rank=1"], epochs=2)
+    every, _ = run(tmp_path, "every", [*fp16, "--toy-overflow_rank=-1"], epochs=2)
+    assert_close(one, every, atol=0)
+    ends = [json.loads((tmp_path / name / f"end_rank{r}.json").read_text()) for name in ("one", "every") for r in (0, 1)]
+    assert {e["step"] for e in ends} == {12} and len({e["scale"] for e in ends}) == 1

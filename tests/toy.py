@@ -140,7 +140,7 @@ def make_trainer(overrides: list[str], data: ToyData | None = None, model: nn.Mo
 
 def split_toy_flags(argv: list[str]) -> tuple[dict[str, float], list[str]]:
     """--toy-NAME=VALUE flags (augment, dropout, delay, buffer_mb, n, val_n, ragged, freeze_last, lr_tensor, fake_graphs,
-    blocks, freeze, oom_above, oom_step, oom_rank, count_all_reduce) vs trainer overrides."""
+    blocks, freeze, oom_above, oom_step, oom_rank, count_all_reduce, overflow_step, overflow_rank) vs trainer overrides."""
     flags, rest = {}, []
     for a in argv:
         if a.startswith("--toy-"):
@@ -205,7 +205,7 @@ if __name__ == "__main__":
         real_all_reduce = torch_dist.all_reduce
 
         def counted(tensor, *a, **k):
-            sizes.append(tensor.numel())
+            sizes.append([tensor.numel(), bool(k.get("async_op"))])  # (size, launched asynchronously)
             return real_all_reduce(tensor, *a, **k)
 
         torch_dist.all_reduce = counted
@@ -239,6 +239,18 @@ if __name__ == "__main__":
                 raise DataError(f"sample file broken.npy: expected 4 frames (injected on rank {t.rank})")
             raise RuntimeError(f"injected failure on rank {t.rank} at step {t.global_step}")
 
+    if "overflow_step" in flags:  # --toy-overflow_step=S [--toy-overflow_rank=R, -1: all]: fp16's scaler finds an
+        #                            overflow at step S on rank R only (as in a gradient shard only R holds)
+        real_unscale = trainer.scaler.unscale_
+
+        def unscale(optimizer):
+            real_unscale(optimizer)
+            if trainer.global_step + 1 == int(flags["overflow_step"]) and \
+                    int(flags.get("overflow_rank", 0)) in (-1, trainer.env.rank):
+                for inf in trainer.scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+                    inf.fill_(1.0)
+
+        trainer.scaler.unscale_ = unscale
     trainer.callbacks += [Record(), Fault()]
     if flags.get("lr_tensor") or flags.get("fake_graphs"):  # see tests/fake_cuda.py
         from tests.fake_cuda import FakeCUDA, lr_tensors
@@ -273,8 +285,8 @@ if __name__ == "__main__":
         (out / f"held_rank{rank}.json").write_text(json.dumps(held))
         if flags.get("count_all_reduce"):
             (out / f"all_reduce_rank{rank}.json").write_text(json.dumps(sizes))
-        (out / f"end_rank{rank}.json").write_text(json.dumps({"step": trainer.global_step,
-                                                              "stop_reason": trainer.stop_reason}))
+        end = {"step": trainer.global_step, "stop_reason": trainer.stop_reason, "scale": trainer.scaler.get_scale()}
+        (out / f"end_rank{rank}.json").write_text(json.dumps(end))
         if rank == 0:
             torch.save(weights, out / "weights.pt")
 

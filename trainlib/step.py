@@ -144,6 +144,9 @@ class LossUnpacker:
     def __init__(self, loss_fn: Callable[[Any, Any], Any]) -> None:
         self.loss_fn = loss_fn
         self._weights: dict[float, torch.Tensor] = {}
+        # a weight below 1 (or a tensor: unknown) lets a step's total weight fall below the world
+        # size, and the normalising factor world / total rise above 1 (see TrainStep.optimizer_step)
+        self.may_be_below_one = False
 
     def __call__(self, outputs: Any, batch: Any, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """`n`: the batch's sample count when the caller already has it (default weight)."""
@@ -158,9 +161,11 @@ class LossUnpacker:
         if weight is None:
             weight = batch_size_of(batch) if n is None else n
         if isinstance(weight, torch.Tensor):
+            self.may_be_below_one = True
             return loss, weight.to(device=loss.device, dtype=torch.float32, non_blocking=True), parts
         w = self._weights.get(weight)
         if w is None:
+            self.may_be_below_one |= weight < 1
             w = torch.full((), float(weight), dtype=torch.float32, device=loss.device)
             if len(self._weights) < 64:  # batch sizes repeat; per-batch counts would only fill memory
                 self._weights[weight] = w
@@ -201,6 +206,10 @@ class TrainStep:
         self.carrier = StatsCarrier(env.world_size) if wrapped.ddp and not self.use_graphs else None
         self.attach(wrapped.train_module)
         self.reduced: torch.Tensor | None = None  # [total, bad] over every rank, when carried
+        # FSDP (eager): the same stats, all-reduced asynchronously during the last backward (FSDP2's
+        # reduce-scatter has no cheap place to carry them; overlapped, the step never waits on them alone)
+        self.overlap_stats = wrapped.sharded and not self.use_graphs
+        self.in_flight: tuple[torch.Tensor, Any] | None = None
         self.one = torch.ones(1, device=device)  # the unscale factor of the plain non-finite check
 
     def attach(self, ddp_module: nn.Module) -> None:
@@ -276,8 +285,12 @@ class TrainStep:
                     objective = loss if loss.dtype == torch.float32 else loss.float()
                     if self.normalise:
                         objective = objective * weight
-                    if self.carrier is not None and j == last and not recover:  # the synced backward carries them
-                        self.carrier.pending = local_stats([*items, (loss, weight)])
+                    if j == last and not recover and (self.carrier is not None or self.overlap_stats):
+                        stats = local_stats([*items, (loss, weight)])
+                        if self.carrier is not None:  # DDP: the synced backward's all-reduce carries them
+                            self.carrier.pending = stats
+                        else:  # FSDP: reduced while the last backward runs, waited for at the optimizer step
+                            self.in_flight = stats, torch_dist.all_reduce(stats, async_op=True)
                     (self.scaler.scale(objective) if self.scaler else objective).backward()
                 loss = loss.detach()
                 parts = {name: v.detach() for name, v in parts.items()}
@@ -333,50 +346,67 @@ class TrainStep:
         (on any rank) or gradient is not finite is never applied: returns that device flag. No host
         sync, except fp16's GradScaler with an unfused optimizer, and an optimizer without a fused
         kernel whose step must be skipped from the host (marked below)."""
-        dev, env, scaler = self.device, self.env, self.scaler
+        dev, env, scaler, sharded = self.device, self.env, self.scaler, self.wrapped.sharded
         if self.reduced is not None:  # already reduced with the gradients (DDP's carrier, oom_recovery)
             stats, self.reduced = self.reduced, None
+        elif self.in_flight is not None:  # FSDP: launched before the last backward
+            stats, work = self.in_flight
+            self.in_flight = None
+            work.wait()  # (gloo: normally done already; NCCL: the stream waits, not the host)
         elif env.distributed:  # one device-side reduce (world > 1 always normalises); DDP already averaged the grads
             stats = local_stats(window)
             torch_dist.all_reduce(stats)
         else:  # one process: the losses join the gradients' non-finite check below (fewer ops: #17)
             stats = None
         if stats is not None:
-            total, bad = stats[0], torch.isnan(stats[1]).float()
+            total = stats[0]
         else:
             total = None if not self.normalise else window[0][1] if len(window) == 1 else \
                 torch.stack([it[1] for it in window]).sum()
-            bad = None
+        overflow: list[torch.Tensor] = []  # fp16: the scaler's overflow flag per device (its own skip, not bad)
         if scaler:
-            scaler.unscale_(self.optimizer)  # fp16 overflow is the scaler's to skip (not counted as bad)
-        grads = [fsdp.local(p.grad) for p in self.params if p.grad is not None] if self.wrapped.sharded else \
+            scaler.unscale_(self.optimizer)
+            overflow = list(scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values())
+        grads = [fsdp.local(p.grad) for p in self.params if p.grad is not None] if sharded else \
             [p.grad for p in self.params if p.grad is not None]
         # fp32 losses, after the gradients: the kernel groups by the first tensor's dtype, and CUDA's has no bf16
         losses = [it[0].float() for it in window] if stats is None else []
         # the check multiplies in place: by the normalising factor for the gradients, by 1 for the losses
-        found = torch.zeros(1, device=dev)  # any gradient (without a scaler) or, one process, any loss not finite
+        found = torch.zeros(1, device=dev)  # a gradient or (one process) a loss not finite
+        # the gradient pass's own flag where it needs its own verdict: FSDP's shards (agreed over the
+        # ranks) and a scaler's gradients (its unscale_ checked them: only what normalising made overflow)
+        grad_flag = torch.zeros(1, device=dev) if scaler or sharded else found
         check = torch._amp_foreach_non_finite_check_and_unscale_
         if total is not None and grads:  # normalise and check in one pass over the gradients
-            # with a scaler its own overflow check already covered the gradients: this pass only scales
-            check(grads, torch.zeros(1, device=dev) if scaler else found,
-                  (env.world_size / total.clamp_min(1e-12)).float().reshape(1))
-            if self.wrapped.sharded and not scaler:  # each rank checked its own shards: the verdict must be global
-                torch_dist.all_reduce(found, op=torch_dist.ReduceOp.MAX)
+            check(grads, grad_flag, (env.world_size / total.clamp_min(1e-12)).float().reshape(1))
+            if self.unpack.may_be_below_one:  # the check reads its input: a factor above 1 (every weight >= 1
+                check(grads, grad_flag, self.one)  # keeps it <= 1) can overflow a finite gradient: read the output
             if losses:
                 check(losses, found, self.one)
         elif losses or (grads and scaler is None):  # a factor of 1: exact, and ~20x cheaper on CPU than an inf-norm
             check((grads if scaler is None else []) + losses, found, self.one)
-        bad = found.reshape(()) if bad is None else torch.maximum(bad, found.reshape(()))
+        if sharded:  # each rank checked its own shards: one verdict for all ranks, the scaler's overflow
+            verdict = torch.cat([grad_flag, *(inf.reshape(1) for inf in overflow)])  # included (every rank skips it and keeps the same scale)
+            torch_dist.all_reduce(verdict, op=torch_dist.ReduceOp.MAX)
+            grad_flag = verdict[:1]
+            for i, inf in enumerate(overflow):
+                inf.copy_(verdict[1 + i].reshape(inf.shape))
+        if overflow:  # a gradient the scaler found overflowing is its skip, not a non-finite step
+            grad_flag = grad_flag * (torch.stack([inf.to(dev).reshape(()) for inf in overflow]).amax() == 0)
+        bad = found.reshape(())
+        if stats is not None:
+            bad = torch.maximum(bad, torch.isnan(stats[1]).float())
+        if grad_flag is not found:
+            bad = torch.maximum(bad, grad_flag.reshape(()))
         norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip > 0 else None
         if self.norm_type:  # trainer.track_grad_norm: the clipping's norm when it is the same type (pre-clip)
             self.grad_norm = fsdp.full(norm if norm is not None and self.norm_type == 2 else nn.utils.get_total_norm(
                 [p.grad for p in self.params if p.grad is not None], self.norm_type))  # (FSDP: a replicated DTensor)
         not_applied = bad
         if scaler:
-            infs = list(scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values())
-            for inf in infs:
+            for inf in overflow:
                 inf.copy_(torch.maximum(inf, bad.to(inf.device)))  # a non-finite loss skips the step too
-            not_applied = torch.stack([inf.to(bad.device).reshape(()) for inf in infs]).max()  # + overflow skips
+            not_applied = torch.stack([inf.to(bad.device).reshape(()) for inf in overflow]).max()  # + overflow skips
             scaler.step(self.optimizer)
             scaler.update()
         elif self.device_skip:
