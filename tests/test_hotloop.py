@@ -371,3 +371,22 @@ def test_ranks_with_different_batch_shapes_do_not_agree(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_agreement_worker, args=(str(tmp_path / "init"), results), nprocs=2)
     assert dict(results) == {0: (True, False), 1: (True, False)}
+
+
+def test_the_logged_loss_is_the_weighted_mean_whatever_the_items_shapes():
+    """The window sums each step's (loss, weight, parts): 0-dim scalars (the usual), shape [1], and a
+    captured step's columns of k micro-batches (an epoch's last window shorter) weigh the same."""
+    from trainlib.dist import DistEnv
+    from trainlib.stats import RunningStats
+
+    t = torch.tensor
+    stats = RunningStats(torch.device("cpu"), DistEnv(rank=0, world_size=1, local_rank=0))
+    stats.add([(t(1.0), t(2.0), {"ce": t(0.5)})], t(0.0))
+    stats.add([(t([3.0]), t([1.0]), {"ce": t([1.0])})], t(0.0))
+    stats.add([(t([2.0, 4.0]), t([1.0, 3.0]), {"ce": t([2.0, 0.0])})], t(0.0))
+    values, skips = stats.window()
+    assert values["weight"] == 7.0 and values["loss"] == 1 * 2 + 3 * 1 + 2 * 1 + 4 * 3
+    assert values["part:ce"] == 0.5 * 2 + 1.0 + 2.0 and skips == [0.0, 0.0, 0.0]
+    stats.add([(t(2.0), t(2.0), {"ce": t(1.0)}), (t(float("nan")), t(1.0), {"ce": t(1.0)})], t(1.0))
+    values, skips = stats.window()  # a non-finite micro-batch is left out of the sums
+    assert values["loss"] == 4.0 and values["weight"] == 2.0 and skips == [1.0]

@@ -22,6 +22,15 @@ from .loggers import log
 SUMS = ("epoch_loss", "epoch_weight", "loss", "weight")  # loss*weight and weight of the epoch and of the window
 
 
+def flat(values: list[torch.Tensor]) -> torch.Tensor:
+    """Scalars (0-dim, or all of shape [1]) as one 1-D tensor: one stack, not a reshape per value
+    (a window holds every micro-batch since the last logging step); mixed shapes: one reshape each."""
+    try:
+        return torch.stack(values).reshape(-1)
+    except RuntimeError:  # stack needs equal shapes
+        return torch.cat([v.reshape(-1) for v in values])
+
+
 class RunningStats:
     def __init__(self, device: torch.device, env: DistEnv) -> None:
         self.device, self.env = device, env
@@ -43,14 +52,14 @@ class RunningStats:
         acc, pend = self.acc, self.acc["pending"]
         if not pend:
             return
-        ws = torch.cat([p[1].reshape(-1) for p in pend]).double()
-        contrib = torch.cat([p[0].reshape(-1) for p in pend]).double() * ws
+        ws = flat([p[1] for p in pend]).double()
+        contrib = flat([p[0] for p in pend]).double() * ws
         ok = torch.isfinite(contrib)
         c, w = torch.where(ok, contrib, 0).sum(), torch.where(ok, ws, 0).sum()
         for name, v in zip(SUMS, (c, w, c, w)):
             acc[name] += v
         for name in pend[0][2]:
-            v = torch.cat([p[2][name].reshape(-1) for p in pend]).double() * ws
+            v = flat([p[2][name] for p in pend]).double() * ws
             acc["parts"][name] = acc["parts"].get(name, 0) + torch.where(ok, v, 0).sum()
         pend.clear()
 
