@@ -138,12 +138,13 @@ def test_clip_shorter_than_end_frame(small_root, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_weights_for_another_backbone_are_named(tmp_path, capsys):
+def test_weights_for_another_backbone_are_named(small_root, tmp_path, capsys):
     from torchvision.models.video import r3d_18
 
     path = tmp_path / "r3d.pth"
     torch.save(r3d_18().state_dict(), path)
     rc = main(recipe, [f"model.weights={path}", "model.backbone_name=r2plus1d_18", f"trainer.out_dir={tmp_path}",
+                       f"data.root={small_root}",
                        "trainer.fast_dev_run=true", "data.img_height=32", "data.img_width=32"])
     err = capsys.readouterr().err
     assert rc == 2 and f"model.weights={path} holds r3d_18 weights" in err, err

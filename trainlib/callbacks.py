@@ -33,6 +33,10 @@ class Callback:
     def on_train_epoch_start(self, state: TrainState) -> None: ...
     def on_train_log(self, state: TrainState, row: dict) -> None: ...
     def on_train_step_end(self, state: TrainState) -> None: ...
+
+    def runs_every_step(self) -> bool:
+        """Whether on_train_step_end does anything (the loop calls it only then)."""
+        return type(self).on_train_step_end is not Callback.on_train_step_end
     def on_validation_end(self, state: TrainState, metrics: dict) -> None: ...
     def on_train_epoch_end(self, state: TrainState) -> None: ...
     def on_fit_end(self, state: TrainState) -> None: ...
@@ -61,6 +65,9 @@ class ModelCheckpoint(Callback):
 
     def _dir(self, state: TrainState) -> Path:
         return state.run_dir / "checkpoints"
+
+    def runs_every_step(self) -> bool:
+        return self.every_n_steps > 0
 
     def on_train_step_end(self, state: TrainState) -> None:
         if self.every_n_steps and state.global_step % self.every_n_steps == 0 and not state.epoch_done:

@@ -473,8 +473,11 @@ class DevicePrefetcher:
 
     def __iter__(self) -> Iterator[Any]:
         if self.stream is None and (self.device.type == "cpu" or self.on_device):
-            yield from self._plain()
-            return
+            return self._plain()  # (returned, not delegated to: one generator level per batch)
+        return self._copied()
+
+    def _copied(self) -> Iterator[Any]:
+        """Batches copied to the device, the next one's copy on a side stream while this one trains."""
         it = iter(self.loader)
         nxt = self._load(it)
         while nxt is not StopIteration:

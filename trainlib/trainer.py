@@ -247,11 +247,10 @@ class Trainer:
         if console:
             console.epoch_start(st.epoch, n, 1 if self.fast_dev_run else tc.max_epochs)
             console.advance(start)
-        step_end = [cb.on_train_step_end for cb in self.callbacks
-                    if type(cb).on_train_step_end is not Callback.on_train_step_end]
+        step_end = [cb.on_train_step_end for cb in self.callbacks if cb.runs_every_step()]
         if start == 0:
             self.stats.reset()
-        every, meter = self.cfg.log.every_n_steps, self.meter
+        every, meter, one_process = self.cfg.log.every_n_steps, self.meter, not self.env.distributed
         cast = self.precision.cast_batch if self.precision.param_dtype != torch.float32 else None
         prefetcher = DevicePrefetcher(self.loaders["train"], self.device)
         meter.restart(prefetcher.wait_s)
@@ -293,7 +292,7 @@ class Trainer:
                     self.preempt_signal = self.signals.signum or signal.SIGTERM
                 if stats["over_time"] > 0:
                     st.request_stop(f"trainer.max_time={tc.max_time} reached")
-            if not self.env.distributed and self.signals.signum:  # one process: no agreement needed
+            if one_process and self.signals.signum:  # one process: no agreement needed
                 self.preempt_signal = self.signals.signum
             if self.preempt_signal:
                 break
