@@ -52,3 +52,46 @@ def test_the_step_statistics_ride_in_the_gradient_all_reduce(tmp_path):
         assert steps == 12 and sizes.count(n_params + 2) == steps, sizes[:20]
         # size 2 only for the epoch's mean loss at each epoch end, never per step
         assert sizes.count(2) == 2, "a separate all-reduce of [weight, non-finite flag] per step"
+
+
+BELOW_ONE = '''
+import json, sys
+import torch
+from torch import nn
+from tests.toy import ToyData
+from trainlib import DataConfig, LogConfig, OptimConfig, Trainer, TrainerConfig
+
+class One(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return self.p * torch.ones(())
+
+def loss_fn(out, batch):
+    if torch.distributed.get_rank() == 0:  # weight 0.5: the gradient, 0.5 * 6e38 = 3e38, is finite
+        return {"loss": out.sum() * 2e19 * 3e19, "weight": 0.5}
+    return {"loss": out.sum() * 3e38, "weight": 1}
+
+t = Trainer(One(), loss_fn, ToyData(32), config=TrainerConfig(out_dir=sys.argv[1], max_steps=3, nonfinite="skip"),
+            optim=OptimConfig(name="sgd", lr=0.05, momentum=0.0), data=DataConfig(batch_size=8),
+            log_config=LogConfig(every_n_steps=1, loggers=["jsonl"]), forward_fn=lambda m, b: m(b["x"]))
+t.fit()
+print(json.dumps({"rank": t.env.rank, "skipped": t.skipped_steps, "p": t.model.p.item()}))
+'''
+
+
+def test_ddp_ranks_agree_on_a_gradient_that_overflows_only_when_normalised(tmp_path):
+    """The normalising multiply's own overflow is only seen by a second check, run when a loss weight
+    may be below 1; DDP ranks have no verdict agreement after it, so they must decide alike: rank 0
+    returns weight 0.5, rank 1 weight 1, and world / total = 4/3 turns both ranks' finite 3e38
+    gradient into inf. Every step is skipped on both ranks and the weight stays 0 (deciding alone,
+    rank 1 applied the inf)."""
+    script = tmp_path / "below_one.py"
+    script.write_text(BELOW_ONE)
+    r = torchrun(2, [str(script), str(tmp_path / "runs")], timeout=120)  # (deciding alone, the ranks hung)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ends = sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"rank"')),
+                  key=lambda e: e["rank"])
+    assert ends == [{"rank": 0, "skipped": 3, "p": 0.0}, {"rank": 1, "skipped": 3, "p": 0.0}], r.stdout[-2000:]

@@ -66,8 +66,8 @@ class ModelCheckpoint(Callback):
     def _dir(self, state: TrainState) -> Path:
         return state.run_dir / "checkpoints"
 
-    def runs_every_step(self) -> bool:
-        return self.every_n_steps > 0
+    def runs_every_step(self) -> bool:  # (a subclass's own on_train_step_end always runs)
+        return self.every_n_steps > 0 or type(self).on_train_step_end is not ModelCheckpoint.on_train_step_end
 
     def on_train_step_end(self, state: TrainState) -> None:
         if self.every_n_steps and state.global_step % self.every_n_steps == 0 and not state.epoch_done:

@@ -165,7 +165,7 @@ class LossUnpacker:
             return loss, weight.to(device=loss.device, dtype=torch.float32, non_blocking=True), parts
         w = self._weights.get(weight)
         if w is None:
-            self.may_be_below_one |= weight < 1
+            self.may_be_below_one |= not weight >= 1  # (NaN included)
             w = torch.full((), float(weight), dtype=torch.float32, device=loss.device)
             if len(self._weights) < 64:  # batch sizes repeat; per-batch counts would only fill memory
                 self._weights[weight] = w
@@ -208,8 +208,10 @@ class TrainStep:
         self.reduced: torch.Tensor | None = None  # [total, bad] over every rank, when carried
         # FSDP (eager): the same stats, all-reduced asynchronously during the last backward (FSDP2's
         # reduce-scatter has no cheap place to carry them; overlapped, the step never waits on them alone)
-        self.overlap_stats = wrapped.sharded and not self.use_graphs
         self.in_flight: tuple[torch.Tensor, Any] | None = None
+        # DDP ranks must take the same decision on the normalising pass's second check (their verdicts
+        # are not agreed afterwards): any rank's weights below 1, agreed at each logging step (agree)
+        self.ranks_below_one = True
         self.one = torch.ones(1, device=device)  # the unscale factor of the plain non-finite check
 
     def attach(self, ddp_module: nn.Module) -> None:
@@ -270,6 +272,7 @@ class TrainStep:
         ran out of memory (None when one did), then DDP's gradients are all-reduced."""
         w = self.wrapped
         items, last = [], len(batches) - 1
+        overlap, self.in_flight = w.sharded and self.graphs is None, None  # (never inside a graph capture)
         if recover and w.ddp:  # no_sync forwards stop DDP's buffer broadcast: ask for it as a synced step would
             w.train_module.require_forward_param_sync = True
         try:
@@ -285,7 +288,7 @@ class TrainStep:
                     objective = loss if loss.dtype == torch.float32 else loss.float()
                     if self.normalise:
                         objective = objective * weight
-                    if j == last and not recover and (self.carrier is not None or self.overlap_stats):
+                    if j == last and not recover and (self.carrier is not None or overlap):
                         stats = local_stats([*items, (loss, weight)])
                         if self.carrier is not None:  # DDP: the synced backward's all-reduce carries them
                             self.carrier.pending = stats
@@ -293,7 +296,8 @@ class TrainStep:
                             self.in_flight = stats, torch_dist.all_reduce(stats, async_op=True)
                     (self.scaler.scale(objective) if self.scaler else objective).backward()
                 loss = loss.detach()
-                parts = {name: v.detach() for name, v in parts.items()}
+                if parts:
+                    parts = {name: v.detach() for name, v in parts.items()}
                 if w.mark_compiled_steps:  # graph-tree outputs are overwritten by the next replay
                     loss, parts = loss.clone(), {name: v.clone() for name, v in parts.items()}
                 items.append((loss, weight, parts))
@@ -326,6 +330,16 @@ class TrainStep:
         torch_dist.all_reduce(flags, group=self.agree_group)  # host-side agreement (CPU tensor, gloo)
         self.oom_ranks = [r for r, f in enumerate(flags.tolist()) if f > 0]
         return bool(self.oom_ranks)
+
+    def host_flags(self) -> dict[str, float]:
+        """Summed over the ranks with a logging step's statistics (RunningStats.window)."""
+        return {"weights_below_one": float(self.unpack.may_be_below_one)}
+
+    def agree(self, window: tuple[dict[str, float], list[float]]) -> tuple[dict[str, float], list[float]]:
+        """A logging step's statistics (returned as they are): every rank learns whether some rank's
+        loss weights may be below 1, on the same step."""
+        self.ranks_below_one = window[0]["weights_below_one"] > 0
+        return window
 
     def logged_values(self) -> dict[str, torch.Tensor]:
         """Device values a logging step reads with its statistics (one host sync for all)."""
@@ -370,34 +384,37 @@ class TrainStep:
         grads = [fsdp.local(p.grad) for p in self.params if p.grad is not None] if sharded else \
             [p.grad for p in self.params if p.grad is not None]
         # fp32 losses, after the gradients: the kernel groups by the first tensor's dtype, and CUDA's has no bf16
-        losses = [it[0].float() for it in window] if stats is None else []
+        losses = [it[0] if it[0].dtype == torch.float32 else it[0].float() for it in window] if stats is None else []
         # the check multiplies in place: by the normalising factor for the gradients, by 1 for the losses
-        found = torch.zeros(1, device=dev)  # a gradient or (one process) a loss not finite
+        found = torch.zeros((), device=dev)  # a gradient or (one process) a loss not finite (0-dim, as the scaler's)
         # the gradient pass's own flag where it needs its own verdict: FSDP's shards (agreed over the
         # ranks) and a scaler's gradients (its unscale_ checked them: only what normalising made overflow)
-        grad_flag = torch.zeros(1, device=dev) if scaler or sharded else found
+        grad_flag = torch.zeros((), device=dev) if scaler or sharded else found
         check = torch._amp_foreach_non_finite_check_and_unscale_
         if total is not None and grads:  # normalise and check in one pass over the gradients
             check(grads, grad_flag, (env.world_size / total.clamp_min(1e-12)).float().reshape(1))
-            if self.unpack.may_be_below_one:  # the check reads its input: a factor above 1 (every weight >= 1
-                check(grads, grad_flag, self.one)  # keeps it <= 1) can overflow a finite gradient: read the output
+            # the check reads its input: a factor above 1 (weights >= 1 keep it <= 1) can overflow a finite
+            # gradient, so read the output too; DDP ranks decide alike (their verdicts are not agreed after)
+            if self.ranks_below_one if env.distributed and not sharded else self.unpack.may_be_below_one:
+                check(grads, grad_flag, self.one)
             if losses:
                 check(losses, found, self.one)
         elif losses or (grads and scaler is None):  # a factor of 1: exact, and ~20x cheaper on CPU than an inf-norm
             check((grads if scaler is None else []) + losses, found, self.one)
         if sharded:  # each rank checked its own shards: one verdict for all ranks, the scaler's overflow
-            verdict = torch.cat([grad_flag, *(inf.reshape(1) for inf in overflow)])  # included (every rank skips it and keeps the same scale)
+            #          included (every rank skips it and keeps the same loss scale)
+            verdict = torch.stack([grad_flag, *(inf.reshape(()) for inf in overflow)])
             torch_dist.all_reduce(verdict, op=torch_dist.ReduceOp.MAX)
-            grad_flag = verdict[:1]
+            grad_flag = verdict[0]
             for i, inf in enumerate(overflow):
                 inf.copy_(verdict[1 + i].reshape(inf.shape))
         if overflow:  # a gradient the scaler found overflowing is its skip, not a non-finite step
             grad_flag = grad_flag * (torch.stack([inf.to(dev).reshape(()) for inf in overflow]).amax() == 0)
-        bad = found.reshape(())
+        bad = found
         if stats is not None:
             bad = torch.maximum(bad, torch.isnan(stats[1]).float())
         if grad_flag is not found:
-            bad = torch.maximum(bad, grad_flag.reshape(()))
+            bad = torch.maximum(bad, grad_flag)
         norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip > 0 else None
         if self.norm_type:  # trainer.track_grad_norm: the clipping's norm when it is the same type (pre-clip)
             self.grad_norm = fsdp.full(norm if norm is not None and self.norm_type == 2 else nn.utils.get_total_norm(

@@ -278,8 +278,8 @@ class Trainer:
             if st.global_step % every == 0 or i == n or st.global_step == tc.max_steps:
                 # Logging step: the only host syncs of the loop (one all-reduce, one .tolist()).
                 over_time = math.isfinite(self.max_seconds) and time.time() - t_start >= self.max_seconds
-                stats, flags = self.stats.window(self.step.logged_values(), signal=self.signals.signum,
-                                                 over_time=over_time)
+                stats, flags = self.step.agree(self.stats.window(
+                    self.step.logged_values(), signal=self.signals.signum, over_time=over_time, **self.step.host_flags()))
                 row = train_row(st.global_step, st.epoch, stats, flags)
                 row.update(meter.read(prefetcher.wait_s, self.flops_per_sample, self.peak_flops))
                 self._emit("on_train_log", row)
