@@ -408,8 +408,9 @@ class TrainStep:
             grad_flag = verdict[0]
             for i, inf in enumerate(overflow):
                 inf.copy_(verdict[1 + i].reshape(inf.shape))
-        if overflow:  # a gradient the scaler found overflowing is its skip, not a non-finite step
-            grad_flag = grad_flag * (torch.stack([inf.to(dev).reshape(()) for inf in overflow]).amax() == 0)
+        overflowed = torch.stack([inf.to(dev).reshape(()) for inf in overflow]).amax() if overflow else None
+        if overflowed is not None:  # a gradient the scaler found overflowing is its skip, not a non-finite step
+            grad_flag = grad_flag * (overflowed == 0)
         bad = found
         if stats is not None:
             bad = torch.maximum(bad, torch.isnan(stats[1]).float())
@@ -423,7 +424,7 @@ class TrainStep:
         if scaler:
             for inf in overflow:
                 inf.copy_(torch.maximum(inf, bad.to(inf.device)))  # a non-finite loss skips the step too
-            not_applied = torch.stack([inf.to(bad.device).reshape(()) for inf in overflow]).max()  # + overflow skips
+            not_applied = torch.maximum(overflowed, bad)  # + overflow skips
             scaler.step(self.optimizer)
             scaler.update()
         elif self.device_skip:
